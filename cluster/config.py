@@ -1,0 +1,206 @@
+"""Loading a :class:`~cluster.spec.Config`: presets, TOML files, HF ``config.json``, overrides.
+
+Order of precedence, lowest first: built-in defaults, the system preset or TOML file
+(``--system``), the model preset (``--model``) or Hugging Face config (``--model-config``),
+then ``--set section.field=value`` overrides in the order given. Unknown sections or fields,
+values of the wrong type and out-of-range values fail here with the field, the value and what
+is allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from cluster import presets
+from cluster.errors import ConfigError
+from cluster.spec import SECTIONS, Config
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _close_matches(name: str, allowed: Iterable[str]) -> str:
+    import difflib
+
+    allowed = sorted(allowed)
+    near = difflib.get_close_matches(name, allowed, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return f"{', '.join(allowed)}{hint}"
+
+
+def _field_types(section: str) -> dict[str, type]:
+    cls = SECTIONS[section]
+    return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
+def _coerce(section: str, key: str, value: Any) -> Any:
+    """Checks a raw value against the field's declared type (annotations are strings)."""
+    want = _field_types(section)[key]
+    where = f"{section}.{key}"
+    if want in ("int", int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r} is not allowed: must be an integer")
+    elif want in ("float", float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r} is not allowed: must be a number")
+        value = float(value)
+    elif want in ("bool", bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r} is not allowed: must be true or false")
+    elif want in ("str", str) and not isinstance(value, str):
+        raise ConfigError(f"{where} = {value!r} is not allowed: must be a string")
+    return value
+
+
+def _merge(base: dict[str, dict[str, Any]], update: Mapping[str, Any], origin: str) -> None:
+    for section, fields in update.items():
+        if section == "system_name":
+            base["system_name"] = fields
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r} in {origin}: allowed are "
+                              f"{_close_matches(section, SECTIONS)}")
+        if not isinstance(fields, Mapping):
+            raise ConfigError(f"config section {section!r} in {origin} must be a table of fields")
+        allowed = _field_types(section)
+        for key, value in fields.items():
+            if key not in allowed:
+                raise ConfigError(f"unknown field {section}.{key} in {origin}: {section} has "
+                                  f"{_close_matches(key, allowed)}")
+            base.setdefault(section, {})[key] = _coerce(section, key, value)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"link.bw_gbps=32"`` -> ``("link", "bw_gbps", 32)``; values are TOML literals or strings."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r} is not allowed: must look like section.field=value, "
+                          f"for example link.bw_gbps=32")
+    key, raw = text.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as synthetic or a path
+    return section, name, value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {str(p)!r} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
+
+
+def model_from_hf_config(path: str | Path) -> dict[str, Any]:
+    """Reads a Hugging Face MoE ``config.json`` into ``model`` fields.
+
+    Understands the field names of Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3, OLMoE and
+    Phi-MoE: experts from ``num_experts``/``num_local_experts``/``n_routed_experts``, the expert
+    width from ``moe_intermediate_size`` (else ``intermediate_size``), shared experts from
+    ``n_shared_experts`` or ``shared_expert_intermediate_size``, dense layers from
+    ``first_k_dense_replace`` or ``mlp_only_layers``.
+    """
+    p = Path(path)
+    try:
+        hf = json.loads(p.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"model config {str(p)!r} does not exist") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"model config {str(p)!r} is not valid JSON: {exc}") from exc
+    if isinstance(hf.get("text_config"), dict):  # multimodal wrappers keep the LM inside
+        hf = {**hf, **hf["text_config"]}
+
+    def need(*names: str) -> Any:
+        for n in names:
+            if hf.get(n) is not None:
+                return hf[n]
+        raise ConfigError(f"model config {str(p)!r} has none of the fields {', '.join(names)}; "
+                          "is it a Mixture-of-Experts model?")
+
+    layers = int(need("num_hidden_layers", "n_layers", "num_layers"))
+    d_model = int(need("hidden_size", "d_model"))
+    experts = int(need("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"))
+    top_k = int(need("num_experts_per_tok", "moe_top_k", "top_k"))
+    dense_ff = int(hf.get("intermediate_size") or 0)
+    d_ff = int(hf.get("moe_intermediate_size") or dense_ff)
+    if d_ff <= 0:
+        raise ConfigError(f"model config {str(p)!r} gives no expert width "
+                          "(moe_intermediate_size or intermediate_size)")
+    if hf.get("first_k_dense_replace") is not None:
+        dense_layers = int(hf["first_k_dense_replace"])
+    elif hf.get("mlp_only_layers"):
+        dense_layers = len(hf["mlp_only_layers"])
+    else:
+        dense_layers = 0
+    shared, shared_ff = 0, 0
+    if hf.get("n_shared_experts"):
+        shared, shared_ff = int(hf["n_shared_experts"]), d_ff
+    elif hf.get("shared_expert_intermediate_size"):
+        shared, shared_ff = 1, int(hf["shared_expert_intermediate_size"])
+    heads = int(hf.get("num_attention_heads") or max(1, d_model // 128))
+    kv_heads = int(hf.get("num_key_value_heads") or heads)
+    head_dim = int(hf.get("head_dim") or hf.get("v_head_dim") or d_model // heads)
+    kv_dim = 0
+    if hf.get("kv_lora_rank"):  # DeepSeek MLA caches the compressed latent plus the rope key
+        kv_dim = int(hf["kv_lora_rank"]) + int(hf.get("qk_rope_head_dim") or 0)
+    name = hf.get("_name_or_path") or p.parent.name or p.stem
+    return {
+        "name": str(name), "num_layers": layers - dense_layers, "num_dense_layers": dense_layers,
+        "d_model": d_model, "d_ff": d_ff, "num_experts": experts, "top_k": top_k,
+        "num_shared_experts": shared, "shared_d_ff": shared_ff,
+        "dense_d_ff": dense_ff if dense_layers else 0, "num_heads": heads,
+        "num_kv_heads": kv_heads, "head_dim": head_dim, "kv_dim": kv_dim,
+        "vocab_size": int(hf.get("vocab_size") or 32000),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
+
+
+def load_config(
+    system: str | None = None,
+    model: str | None = None,
+    model_config: str | Path | None = None,
+    overrides: Iterable[str] = (),
+) -> Config:
+    """Builds the run's frozen config; raises :class:`ConfigError` naming field and value."""
+    raw: dict[str, Any] = {}
+    system = system or presets.DEFAULT_SYSTEM
+    if system in presets.SYSTEMS:
+        _merge(raw, presets.SYSTEMS[system], f"system preset {system!r}")
+        raw["system_name"] = system
+    elif system.endswith(".toml") or Path(system).exists():
+        data = read_toml(system)
+        _merge(raw, data, f"config file {system!r}")
+        raw.setdefault("system_name", Path(system).stem)
+    else:
+        raise ConfigError(f"--system {system!r} is neither a preset nor a TOML file: presets are "
+                          f"{_close_matches(system, presets.SYSTEMS)}")
+    if model_config is not None:
+        if model is not None:
+            raise ConfigError("give either --model or --model-config, not both")
+        _merge(raw, {"model": model_from_hf_config(model_config)}, f"model config {str(model_config)!r}")
+    elif model is not None or "model" not in raw:
+        name = model or presets.DEFAULT_MODEL
+        if name not in presets.MODELS:
+            raise ConfigError(f"--model {name!r} is not a model preset: presets are "
+                              f"{_close_matches(name, presets.MODELS)}")
+        raw["model"] = {}
+        _merge(raw, {"model": presets.MODELS[name]}, f"model preset {name!r}")
+    for text in overrides:
+        section, name, value = parse_override(text)
+        _merge(raw, {section: {name: value}}, f"--set {text!r}")
+    system_name = raw.pop("system_name", system)
+    sections = {name: SECTIONS[name](**raw.get(name, {})) for name in SECTIONS}
+    return Config(**sections, system_name=str(system_name))

@@ -1,0 +1,116 @@
+"""Roofline cost model of the emulated hardware. Pure: numbers in, seconds out.
+
+Every duration is a roofline plus a fixed cost::
+
+    compute(device, flops, bytes) = launch_overhead + max(flops / peak_flops, bytes / mem_bw)
+    transfer(bytes)               = link_latency + bytes / link_bw
+
+A SwiGLU expert (gate and up ``d_model x d_ff``, down ``d_ff x d_model``) applied to ``n``
+tokens, restricted to a fraction ``f`` of its ``d_ff`` columns (a tensor-parallel slice):
+
+    flops = 2 * 3 * d_model * d_ff * f * n
+    bytes = 3 * d_model * d_ff * f * 2          (fp16 weights, read once)
+          + 2 * n * d_model * 2                 (fp16 activations in and partial out)
+
+Bandwidths are in GB/s (1e9 bytes/s), compute in TFLOPS/GFLOPS (1e12/1e9 flop/s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cluster.spec import BYTES_PER_ACT, BYTES_PER_PARAM, Config
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Durations of every kind of work, in seconds, derived from one :class:`Config`.
+
+    Precomputes per-device rates so that a policy can ask thousands of times per step.
+    """
+
+    cfg: Config
+
+    def __post_init__(self) -> None:
+        c, m = self.cfg, self.cfg.model
+        s = object.__setattr__
+        s(self, "gpu_flops", c.gpu.peak_tflops * 1e12)
+        s(self, "gpu_bw", c.gpu.mem_bw_gbps * 1e9)
+        s(self, "gpu_launch_s", c.gpu.launch_overhead_us * 1e-6)
+        s(self, "ndp_flops", c.ndp.peak_gflops * 1e9)
+        s(self, "ndp_bw", c.ndp.internal_bw_gbps * 1e9)
+        s(self, "ndp_launch_s", c.ndp.launch_overhead_us * 1e-6)
+        s(self, "link_bw", c.link.bw_gbps * 1e9)
+        s(self, "link_latency_s", c.link.latency_us * 1e-6)
+        s(self, "expert_bytes", m.expert_bytes)
+        s(self, "expert_flops_per_token", 2 * m.expert_params)
+        s(self, "act_bytes_per_token", m.d_model * BYTES_PER_ACT)
+
+    # --- primitives -------------------------------------------------------------------------
+    def gpu_compute_s(self, flops: float, nbytes: float) -> float:
+        """GPU kernel: launch + max(flops / peak, bytes / bandwidth)."""
+        return self.gpu_launch_s + max(flops / self.gpu_flops, nbytes / self.gpu_bw)
+
+    def ndp_compute_s(self, flops: float, nbytes: float) -> float:
+        """NDP-unit kernel: launch + max(flops / peak, bytes / internal bandwidth)."""
+        return self.ndp_launch_s + max(flops / self.ndp_flops, nbytes / self.ndp_bw)
+
+    def transfer_s(self, nbytes: float) -> float:
+        """One message over the host link: latency + bytes / bandwidth."""
+        return self.link_latency_s + nbytes / self.link_bw
+
+    # --- experts ----------------------------------------------------------------------------
+    def expert_work(self, n_tokens: int, frac: float = 1.0) -> tuple[float, float]:
+        """(flops, bytes) of a SwiGLU expert slice covering ``frac`` of d_ff for ``n_tokens``."""
+        flops = self.expert_flops_per_token * frac * n_tokens
+        nbytes = self.expert_bytes * frac + 2 * n_tokens * self.act_bytes_per_token
+        return flops, nbytes
+
+    def gpu_expert_s(self, n_tokens: int, frac: float = 1.0) -> float:
+        return self.gpu_compute_s(*self.expert_work(n_tokens, frac))
+
+    def ndp_expert_s(self, n_tokens: int, frac: float = 1.0) -> float:
+        return self.ndp_compute_s(*self.expert_work(n_tokens, frac))
+
+    def fetch_s(self, frac: float = 1.0) -> float:
+        """Moving (a ``frac`` slice of) one expert's weights NDP -> GPU over the link."""
+        return self.transfer_s(self.expert_bytes * frac)
+
+    def activation_bytes(self, n_tokens: int) -> int:
+        return n_tokens * self.act_bytes_per_token
+
+    # --- the GPU's own per-layer work -------------------------------------------------------
+    def gpu_layer_s(self, n_tokens: int, context_tokens: int, batch: int) -> float:
+        """Attention, router and shared experts of one MoE layer on the GPU.
+
+        Reads the layer's resident weights once and the KV cache of every sequence
+        (``batch`` sequences of ``context_tokens``); attention flops are ``4 * n * ctx *
+        heads * head_dim`` (scores and weighted sum).
+        """
+        m = self.cfg.model
+        params = m.gpu_layer_params
+        kv = batch * context_tokens * m.kv_elems_per_token_layer * BYTES_PER_ACT
+        flops = 2 * params * n_tokens + 4 * n_tokens * context_tokens * m.num_heads * m.head_dim
+        nbytes = params * BYTES_PER_PARAM + kv + 2 * n_tokens * self.act_bytes_per_token
+        kernels = 3 + (1 if m.num_shared_experts else 0)  # attention, router, norm/residual, shared
+        return (kernels - 1) * self.gpu_launch_s + self.gpu_compute_s(flops, nbytes)
+
+    def gpu_dense_layer_s(self, n_tokens: int, context_tokens: int, batch: int) -> float:
+        """A leading dense layer (attention + dense MLP), all on the GPU."""
+        m = self.cfg.model
+        params = m.dense_layer_params
+        kv = batch * context_tokens * m.kv_elems_per_token_layer * BYTES_PER_ACT
+        flops = 2 * params * n_tokens + 4 * n_tokens * context_tokens * m.num_heads * m.head_dim
+        nbytes = params * BYTES_PER_PARAM + kv + 2 * n_tokens * self.act_bytes_per_token
+        return 2 * self.gpu_launch_s + self.gpu_compute_s(flops, nbytes)
+
+    def gpu_head_s(self, n_tokens: int) -> float:
+        """Embedding lookup and LM head for ``n_tokens`` output positions."""
+        m = self.cfg.model
+        params = m.vocab_size * m.d_model
+        return self.gpu_compute_s(2 * params * n_tokens, params * BYTES_PER_PARAM)
+
+    def gpu_combine_s(self, n_tokens: int, n_partials: int) -> float:
+        """Summing ``n_partials`` gate-weighted partial outputs into the residual stream."""
+        nbytes = (n_partials + 1) * n_tokens * self.act_bytes_per_token
+        return self.gpu_compute_s(n_partials * n_tokens * self.cfg.model.d_model, nbytes)

@@ -1,0 +1,145 @@
+"""Run records (plain events) and their aggregation into the per-policy summary.
+
+Engines append :class:`StepRecord` and :class:`TokenRecord` rows while they run; nothing is
+aggregated until :func:`summarize`. Imbalance, named as in DESIGN.md section 6:
+
+- ``max_over_mean``: per MoE step, max unit busy time / mean unit busy time (>= 1), then
+  averaged over the steps that gave the NDP units any work;
+- ``balancedness``: per step mean / max (SGLang's), averaged over the same steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class StepRecord:
+    """One MoE step of one layer under one policy (times in emulated seconds)."""
+
+    policy: str
+    phase: str  # "prefill" | "decode"
+    step: int  # 0 = prefill, 1.. = decode steps
+    layer: int
+    start_s: float
+    end_s: float
+    active: int  # experts with tokens
+    gpu_hits: int  # active experts resident in the GPU cache
+    fetched: int  # experts (or slices) fetched on demand
+    gpu_experts: int  # expert tasks run on the GPU
+    gpu_busy_s: float
+    unit_busy_s: list[float]
+    bytes_activation: int
+    bytes_partial: int
+    bytes_fetch: int
+    lower_bound_s: float = 0.0
+
+    @property
+    def makespan_s(self) -> float:
+        return self.end_s - self.start_s
+
+    @property
+    def max_over_mean(self) -> float:
+        busy = self.unit_busy_s
+        mean = sum(busy) / len(busy)
+        return max(busy) / mean if mean > 0 else 1.0
+
+    @property
+    def balancedness(self) -> float:
+        busy = self.unit_busy_s
+        mx = max(busy)
+        return (sum(busy) / len(busy)) / mx if mx > 0 else 1.0
+
+
+@dataclass
+class TokenRecord:
+    """An output token: when it was ready, and the time since the previous one."""
+
+    policy: str
+    index: int
+    time_s: float
+    latency_s: float
+
+
+@dataclass
+class PolicyRecords:
+    """Everything one policy's run produced."""
+
+    policy: str
+    scheduler: str
+    prefetcher: str
+    steps: list[StepRecord] = field(default_factory=list)
+    tokens: list[TokenRecord] = field(default_factory=list)
+    gpu_other_busy_s: float = 0.0  # attention, router, dense layers, LM head
+    prefetch_bytes: int = 0
+    prefetched_experts: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def summarize(rec: PolicyRecords, num_units: int) -> dict[str, Any]:
+    """Per-policy summary fields of ``summary.json`` (speedup filled in by the caller)."""
+    e2e = rec.tokens[-1].time_s if rec.tokens else 0.0
+    ttft = rec.tokens[0].time_s if rec.tokens else 0.0
+    decode = [t.latency_s for t in rec.tokens[1:]]
+    ndp_steps = [s for s in rec.steps if max(s.unit_busy_s) > 0]
+    dec_steps = [s for s in rec.steps if s.phase == "decode"]
+    active = sum(s.active for s in dec_steps)
+    hits = sum(s.gpu_hits for s in dec_steps)
+    unit_busy = np.sum([s.unit_busy_s for s in rec.steps], axis=0) if rec.steps else np.zeros(num_units)
+    gpu_busy = rec.gpu_other_busy_s + sum(s.gpu_busy_s for s in rec.steps)
+    moe = [s.makespan_s for s in dec_steps]
+    return {
+        "scheduler": rec.scheduler,
+        "prefetcher": rec.prefetcher,
+        "e2e_latency_s": e2e,
+        "ttft_s": ttft,
+        "tpot_s": float(np.mean(decode)) if decode else 0.0,
+        "moe_step_mean_s": float(np.mean(moe)) if moe else 0.0,
+        "moe_step_p50_s": float(np.median(moe)) if moe else 0.0,
+        "moe_step_p99_s": float(np.percentile(moe, 99)) if moe else 0.0,
+        "max_over_mean": float(np.mean([s.max_over_mean for s in ndp_steps])) if ndp_steps else 1.0,
+        "balancedness": float(np.mean([s.balancedness for s in ndp_steps])) if ndp_steps else 1.0,
+        "gpu_util": gpu_busy / e2e if e2e > 0 else 0.0,
+        "unit_util": [float(b / e2e) if e2e > 0 else 0.0 for b in unit_busy],
+        "prefetch_hit_rate": hits / active if active else 0.0,
+        "link_bytes": {
+            "activation": int(sum(s.bytes_activation for s in rec.steps)),
+            "partial": int(sum(s.bytes_partial for s in rec.steps)),
+            "fetch": int(sum(s.bytes_fetch for s in rec.steps)),
+            "prefetch": int(rec.prefetch_bytes),
+        },
+        "fetched_experts": int(sum(s.fetched for s in rec.steps)),
+        "prefetched_experts": int(rec.prefetched_experts),
+        "moe_steps": len(rec.steps),
+        **rec.extra,
+    }
+
+
+STEP_FIELDS = [f.name for f in dataclasses.fields(StepRecord)]
+
+
+def write_steps_csv(path: Path, records: list[PolicyRecords]) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow([*STEP_FIELDS, "makespan_s", "max_over_mean"])
+        busy_col = STEP_FIELDS.index("unit_busy_s")
+        for rec in records:
+            for s in rec.steps:
+                row = [getattr(s, f) for f in STEP_FIELDS]
+                row[busy_col] = ";".join(f"{b:.9g}" for b in s.unit_busy_s)
+                w.writerow([*row, f"{s.makespan_s:.9g}", f"{s.max_over_mean:.6g}"])
+
+
+def write_tokens_csv(path: Path, records: list[PolicyRecords]) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["policy", "index", "time_s", "latency_s"])
+        for rec in records:
+            for t in rec.tokens:
+                w.writerow([t.policy, t.index, f"{t.time_s:.9g}", f"{t.latency_s:.9g}"])

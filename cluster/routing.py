@@ -1,0 +1,229 @@
+"""Routing sources: which experts each token picks at each MoE layer. Seeded, deterministic.
+
+A :class:`Routing` holds ``topk_ids[batch, positions, layers, k]`` (int32) and
+``topk_weights`` (float32, gate weights of the chosen experts, summing to 1 per token and
+layer) for ``positions = prompt_tokens + output_tokens - 1``: the prompt's positions are the
+prefill, every later position is one decode step (the first output token comes out of the
+prefill).
+
+Sources:
+
+- ``synthetic``: each layer has a Zipf popularity ``p_i ~ 1 / rank_i ** alpha`` over a seeded
+  random order of its experts. A token samples k distinct experts from ``p`` (Gumbel top-k,
+  i.e. sequential sampling without replacement); with probability ``reuse`` each expert of
+  the previous token at that layer is kept (temporal locality).
+- ``gate``: see :mod:`cluster.reference` (a real router matmul on real hidden states).
+- ``trace``: an npz file with ``topk_ids`` ``[tokens, layers, k]`` or
+  ``[sequences, positions, layers, k]`` and optionally ``topk_weights`` of the same shape.
+  :func:`import_vllm_routed_experts` converts vLLM ``routed_experts`` arrays to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cluster.errors import RoutingError
+from cluster.spec import Config, ModelSpec, WorkloadSpec
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Routing of a whole run. Token ids inside a step: prefill ``b * P + p``, decode ``b``."""
+
+    topk_ids: np.ndarray  # int32 [B, S, L, k]
+    topk_weights: np.ndarray  # float32 [B, S, L, k]
+    prompt_tokens: int
+    source: str = "synthetic"
+
+    @property
+    def batch(self) -> int:
+        return self.topk_ids.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.topk_ids.shape[2]
+
+    @property
+    def decode_steps(self) -> int:
+        return self.topk_ids.shape[1] - self.prompt_tokens
+
+    def prefill_ids(self, layer: int) -> np.ndarray:
+        """[B * P, k] experts of every prompt token at ``layer``."""
+        ids = self.topk_ids[:, : self.prompt_tokens, layer]
+        return ids.reshape(-1, ids.shape[-1])
+
+    def decode_ids(self, step: int, layer: int) -> np.ndarray:
+        """[B, k] experts of decode step ``step`` (0-based) at ``layer``."""
+        return self.topk_ids[:, self.prompt_tokens + step, layer]
+
+    def prefill_counts(self, num_experts: int) -> np.ndarray:
+        """[L, E] activation counts of the prefill."""
+        L = self.num_layers
+        out = np.zeros((L, num_experts), dtype=np.int64)
+        for lay in range(L):
+            out[lay] = np.bincount(self.prefill_ids(lay).ravel(), minlength=num_experts)
+        return out
+
+
+def group_by_expert(ids: np.ndarray) -> dict[int, tuple[int, ...]]:
+    """``ids[tokens, k]`` -> ``{expert: (token ids ascending)}`` for the active experts."""
+    if ids.shape[0] == 1:  # the batch-1 decode fast path
+        return {int(e): (0,) for e in sorted(ids[0].tolist())}
+    tokens = np.repeat(np.arange(ids.shape[0]), ids.shape[1])
+    flat = ids.ravel()
+    order = np.lexsort((tokens, flat))
+    flat, tokens = flat[order], tokens[order]
+    cuts = np.flatnonzero(np.diff(flat)) + 1
+    experts = flat[np.r_[0, cuts]]
+    groups = np.split(tokens, cuts)
+    return {int(e): tuple(g.tolist()) for e, g in zip(experts, groups)}
+
+
+def zipf_popularity(num_experts: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """Zipf probabilities over a random order of experts: ``p[perm[r]] ~ 1 / (r + 1) ** alpha``."""
+    ranks = np.arange(1, num_experts + 1, dtype=np.float64)
+    p = ranks ** -alpha
+    p /= p.sum()
+    out = np.empty(num_experts)
+    out[rng.permutation(num_experts)] = p
+    return out
+
+
+def popularity(model: ModelSpec, alpha: float, domain_seed: int) -> np.ndarray:
+    """[L, E] per-layer Zipf popularity; ``domain_seed`` fixes which experts are popular."""
+    rng = np.random.default_rng([domain_seed, 0x5EED])
+    return np.stack([zipf_popularity(model.num_experts, alpha, rng) for _ in range(model.num_layers)])
+
+
+def synthetic(model: ModelSpec, work: WorkloadSpec, rng: np.random.Generator,
+              alpha: float | None = None, positions: int | None = None,
+              domain_seed: int | None = None) -> Routing:
+    """Per-layer Zipf popularity plus temporal reuse; see the module docstring.
+
+    The popularity (which experts are hot) comes from ``domain_seed`` (default: the workload
+    seed); the token-by-token draws from ``rng``. Two traces with one domain seed and two
+    ``rng`` seeds are two samples of one distribution.
+    """
+    B, L, k = work.batch_size, model.num_layers, model.top_k
+    S = positions if positions is not None else work.prompt_tokens + work.output_tokens - 1
+    a = work.alpha if alpha is None else alpha
+    dom = work.seed if domain_seed is None else domain_seed
+    logp = np.log(popularity(model, a, dom))  # [L, E]
+    E = model.num_experts
+    ids = np.empty((B, S, L, k), dtype=np.int32)
+    prev = np.zeros((B, L, E), dtype=bool)
+    rows = np.arange(B)[:, None, None]
+    cols = np.arange(L)[None, :, None]
+    for s in range(S):
+        keys = logp[None] + rng.gumbel(size=(B, L, E))
+        if s and work.reuse > 0:
+            keep = prev & (rng.random((B, L, E)) < work.reuse)
+            keys = np.where(keep, keys + 1e3, keys)  # kept experts outrank any fresh draw
+        top = np.argpartition(-keys, k - 1, axis=-1)[..., :k]
+        sel = np.take_along_axis(keys, top, axis=-1)
+        top = np.take_along_axis(top, np.argsort(-sel, axis=-1), axis=-1)
+        ids[:, s] = top
+        prev[:] = False
+        prev[rows, cols, top] = True
+    logits = rng.standard_normal((B, S, L, k)).astype(np.float32)
+    w = np.sort(np.exp(logits), axis=-1)[..., ::-1]
+    w = (w / w.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return Routing(ids, np.ascontiguousarray(w), work.prompt_tokens, "synthetic")
+
+
+def load_trace(path: str | Path, model: ModelSpec, work: WorkloadSpec) -> Routing:
+    """Reads a canonical npz trace and cuts it to the workload's batch and positions."""
+    p = Path(path)
+    try:
+        data = np.load(p)
+    except FileNotFoundError as exc:
+        raise RoutingError(f"routing trace {str(p)!r} does not exist") from exc
+    except (ValueError, OSError) as exc:
+        raise RoutingError(f"routing trace {str(p)!r} is not an npz file: {exc}") from exc
+    if "topk_ids" not in data:
+        raise RoutingError(f"routing trace {str(p)!r} has no 'topk_ids' array (it has "
+                           f"{', '.join(data.files)})")
+    ids = np.asarray(data["topk_ids"])
+    weights = np.asarray(data["topk_weights"]) if "topk_weights" in data else None
+    B, S = work.batch_size, work.prompt_tokens + work.output_tokens - 1
+    if ids.ndim == 4 and ids.shape[0] >= B and ids.shape[1] >= S:
+        ids, weights = ids[:B, :S], None if weights is None else weights[:B, :S]
+    else:
+        if ids.ndim == 4:  # too few positions per sequence: use the sequences one after another
+            ids = ids.reshape(-1, *ids.shape[2:])
+            weights = None if weights is None else weights.reshape(-1, *weights.shape[2:])
+        if ids.ndim != 3:
+            raise RoutingError(f"routing trace {str(p)!r}: topk_ids has shape {ids.shape}; "
+                               "expected [tokens, layers, k] or [sequences, positions, layers, k]")
+        if ids.shape[0] < B * S:
+            raise RoutingError(
+                f"routing trace {str(p)!r} has {ids.shape[0]} tokens but the workload needs "
+                f"batch_size x (prompt_tokens + output_tokens - 1) = {B} x {S} = {B * S}")
+        ids = ids[: B * S].reshape(B, S, *ids.shape[1:])
+        weights = None if weights is None else weights[: B * S].reshape(B, S, *weights.shape[1:])
+    L, k = ids.shape[2], ids.shape[3]
+    if L != model.num_layers or k != model.top_k:
+        raise RoutingError(
+            f"routing trace {str(p)!r} has {L} layers and top-{k}, but model {model.name!r} has "
+            f"num_layers = {model.num_layers} and top_k = {model.top_k}; set them to match "
+            f"(--set model.num_layers={L} --set model.top_k={k})")
+    if ids.min() < 0 or ids.max() >= model.num_experts:
+        raise RoutingError(f"routing trace {str(p)!r} has expert ids in {ids.min()}..{ids.max()} "
+                           f"but model.num_experts = {model.num_experts}")
+    if weights is None:
+        weights = np.full(ids.shape, 1.0 / k, dtype=np.float32)
+    weights = np.asarray(weights, dtype=np.float32)
+    weights = weights / np.maximum(weights.sum(axis=-1, keepdims=True), 1e-30)
+    return Routing(ids.astype(np.int32), weights.astype(np.float32), work.prompt_tokens, "trace")
+
+
+def import_vllm_routed_experts(routed_experts: np.ndarray, out: str | Path,
+                               weights: np.ndarray | None = None) -> Path:
+    """Writes vLLM ``routed_experts`` ``[tokens, layers, k]`` as a canonical npz trace."""
+    ids = np.asarray(routed_experts)
+    if ids.ndim != 3:
+        raise RoutingError(f"vLLM routed_experts must be [tokens, layers, k], got shape {ids.shape}")
+    arrays = {"topk_ids": ids.astype(np.int32)}
+    if weights is not None:
+        arrays["topk_weights"] = np.asarray(weights, dtype=np.float32)
+    out = Path(out)
+    np.savez_compressed(out, **arrays)
+    return out
+
+
+def build_routing(cfg: Config, rng: np.random.Generator | None = None) -> Routing:
+    """The run's routing from ``cfg.workload.routing``."""
+    w = cfg.workload
+    rng = rng if rng is not None else np.random.default_rng(w.seed)
+    if w.routing == "synthetic":
+        return synthetic(cfg.model, w, rng)
+    if w.routing == "trace":
+        return load_trace(w.trace_path, cfg.model, w)
+    from cluster.reference import gate_routing  # numpy only; imported lazily (heavier)
+
+    return gate_routing(cfg, rng)
+
+
+def calibration_counts(cfg: Config) -> np.ndarray:
+    """[L, E] counts of a separate calibration trace for the ``profiled`` prefetcher.
+
+    Drawn from the synthetic generator with its own sampling seed ``policy.profile_seed``.
+    By default from the same distribution as the run (same domain: the workload's seed and
+    alpha); ``policy.profile_domain_seed`` >= 0 and ``policy.profile_alpha`` >= 0 make the
+    calibration data come from a different distribution than the served prompts.
+    """
+    p = cfg.policy
+    rng = np.random.default_rng([p.profile_seed, 0xCA1])
+    alpha = cfg.workload.alpha if p.profile_alpha < 0 else p.profile_alpha
+    dom = cfg.workload.seed if p.profile_domain_seed < 0 else p.profile_domain_seed
+    work = WorkloadSpec(batch_size=1, prompt_tokens=1, output_tokens=p.profile_tokens,
+                        alpha=alpha, reuse=cfg.workload.reuse, seed=cfg.workload.seed)
+    r = synthetic(cfg.model, work, rng, alpha=alpha, positions=p.profile_tokens, domain_seed=dom)
+    L, E = cfg.model.num_layers, cfg.model.num_experts
+    out = np.zeros((L, E), dtype=np.int64)
+    for lay in range(L):
+        out[lay] = np.bincount(r.topk_ids[:, :, lay].ravel(), minlength=E)
+    return out

@@ -1,0 +1,398 @@
+"""Frozen specs of the emulated system, the model, the workload and the policies.
+
+Every number of a run is a field here, with its unit in its name. Specs are plain frozen
+dataclasses: constructing one validates its own ranges (no I/O); :func:`cluster.config.load_config`
+builds them from presets, TOML files, Hugging Face ``config.json`` files and ``--set`` overrides
+and checks what spans sections (top-k against experts, experts against NDP capacity).
+
+Model bytes are fp16 (:data:`BYTES_PER_PARAM`) in the cost model whatever dtype the real
+matmuls of the emulator use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from cluster.errors import ConfigError
+
+BYTES_PER_PARAM = 2  # fp16 weights in the cost model
+BYTES_PER_ACT = 2  # fp16 activations on the wire and in memory
+GIB = 1 << 30
+
+
+def _check(section: str, name: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{section}.{name} = {value!r} is not allowed: must be {allowed}")
+
+
+def _positive(section: str, obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _check(section, n, v, isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+               "a number > 0")
+
+
+def _non_negative(section: str, obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _check(section, n, v, isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+               "a number >= 0")
+
+
+def _integers(section: str, obj: Any, *names: str, minimum: int = 1) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _check(section, n, v, isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
+               f"an integer >= {minimum}")
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """The edge GPU: memory, memory bandwidth, peak compute and per-kernel launch cost."""
+
+    SECTION: ClassVar[str] = "gpu"
+    name: str = "rtx5080"
+    mem_bytes: int = 16 * GIB
+    mem_bw_gbps: float = 960.0
+    peak_tflops: float = 112.0
+    launch_overhead_us: float = 5.0
+
+    def __post_init__(self) -> None:
+        _integers(self.SECTION, self, "mem_bytes")
+        _positive(self.SECTION, self, "mem_bw_gbps", "peak_tflops")
+        _non_negative(self.SECTION, self, "launch_overhead_us")
+
+
+@dataclass(frozen=True)
+class NdpSpec:
+    """Each of ``num_ndp_units`` identical NDP units (an NDP-enabled DIMM)."""
+
+    SECTION: ClassVar[str] = "ndp"
+    num_ndp_units: int = 4
+    capacity_bytes: int = 64 * GIB
+    internal_bw_gbps: float = 76.8
+    peak_gflops: float = 512.0
+    launch_overhead_us: float = 1.0
+
+    def __post_init__(self) -> None:
+        _integers(self.SECTION, self, "num_ndp_units", "capacity_bytes")
+        _check(self.SECTION, "num_ndp_units", self.num_ndp_units, self.num_ndp_units <= 4096,
+               "an integer in 1..4096")
+        _positive(self.SECTION, self, "internal_bw_gbps", "peak_gflops")
+        _non_negative(self.SECTION, self, "launch_overhead_us")
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """The one host link between the GPU and all NDP units, shared by every kind of traffic."""
+
+    SECTION: ClassVar[str] = "link"
+    bw_gbps: float = 50.0
+    latency_us: float = 2.0
+
+    def __post_init__(self) -> None:
+        _positive(self.SECTION, self, "bw_gbps")
+        _non_negative(self.SECTION, self, "latency_us")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An MoE transformer. ``num_layers`` counts MoE layers; ``num_dense_layers`` come first.
+
+    ``d_ff`` is the intermediate size of one routed expert (SwiGLU: gate, up, down).
+    ``kv_dim`` is the KV-cache width per token and layer in elements (0: ``2 * num_kv_heads *
+    head_dim``; DeepSeek's MLA sets it to its compressed width).
+    """
+
+    SECTION: ClassVar[str] = "model"
+    name: str = "qwen3-30b-a3b"
+    num_layers: int = 48
+    num_dense_layers: int = 0
+    d_model: int = 2048
+    d_ff: int = 768
+    num_experts: int = 128
+    top_k: int = 8
+    num_shared_experts: int = 0
+    shared_d_ff: int = 0
+    dense_d_ff: int = 0
+    num_heads: int = 32
+    num_kv_heads: int = 4
+    head_dim: int = 128
+    kv_dim: int = 0
+    vocab_size: int = 151936
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        _integers(s, self, "num_layers", "d_model", "d_ff", "num_experts", "top_k", "num_heads",
+                  "num_kv_heads", "head_dim", "vocab_size")
+        _integers(s, self, "num_dense_layers", "num_shared_experts", "shared_d_ff", "dense_d_ff",
+                  "kv_dim", minimum=0)
+        _check(s, "top_k", self.top_k, self.top_k <= self.num_experts,
+               f"an integer in 1..num_experts ({self.num_experts})")
+        if self.num_shared_experts > 0:
+            _check(s, "shared_d_ff", self.shared_d_ff, self.shared_d_ff > 0,
+                   "> 0 when num_shared_experts > 0")
+        if self.num_dense_layers > 0:
+            _check(s, "dense_d_ff", self.dense_d_ff, self.dense_d_ff > 0,
+                   "> 0 when num_dense_layers > 0")
+
+    # --- derived sizes (fp16 bytes) -------------------------------------------------------
+    @property
+    def expert_params(self) -> int:
+        return 3 * self.d_model * self.d_ff
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.expert_params * BYTES_PER_PARAM
+
+    @property
+    def routed_expert_bytes(self) -> int:
+        """All routed experts of all MoE layers."""
+        return self.num_layers * self.num_experts * self.expert_bytes
+
+    @property
+    def attention_params(self) -> int:
+        q = self.d_model * self.num_heads * self.head_dim
+        kv = 2 * self.d_model * self.num_kv_heads * self.head_dim
+        o = self.num_heads * self.head_dim * self.d_model
+        return q + kv + o
+
+    @property
+    def router_params(self) -> int:
+        return self.d_model * self.num_experts
+
+    @property
+    def shared_params(self) -> int:
+        return self.num_shared_experts * 3 * self.d_model * self.shared_d_ff
+
+    @property
+    def gpu_layer_params(self) -> int:
+        """Weights read on the GPU for one MoE layer every step: attention, router, shared."""
+        return self.attention_params + self.router_params + self.shared_params
+
+    @property
+    def dense_layer_params(self) -> int:
+        return self.attention_params + 3 * self.d_model * self.dense_d_ff
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+
+    @property
+    def non_expert_bytes(self) -> int:
+        """Everything that lives on the GPU for good: all but the routed experts."""
+        params = (self.num_layers * self.gpu_layer_params
+                  + self.num_dense_layers * self.dense_layer_params + self.embedding_params)
+        return params * BYTES_PER_PARAM
+
+    @property
+    def kv_elems_per_token_layer(self) -> int:
+        return self.kv_dim or 2 * self.num_kv_heads * self.head_dim
+
+    def kv_bytes(self, tokens: int) -> int:
+        layers = self.num_layers + self.num_dense_layers
+        return tokens * layers * self.kv_elems_per_token_layer * BYTES_PER_ACT
+
+
+ROUTING_SOURCES = ("synthetic", "gate", "trace")
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """What is run: batch, prompt and output lengths, and where routing comes from.
+
+    ``synthetic``: per-layer Zipf popularity (exponent ``alpha``, 0 = uniform) over a seeded
+    random order of experts, and with probability ``reuse`` a token re-picks an expert of the
+    previous token at the same layer. ``gate``: a real router matmul on the hidden states of
+    the reference forward pass, with a per-expert popularity bias of strength ``gate_bias``.
+    ``trace``: the npz file ``trace_path`` (see :mod:`cluster.routing`).
+    """
+
+    SECTION: ClassVar[str] = "workload"
+    batch_size: int = 1
+    prompt_tokens: int = 512
+    output_tokens: int = 512
+    routing: str = "synthetic"
+    alpha: float = 0.8
+    reuse: float = 0.2
+    gate_bias: float = 2.0
+    trace_path: str = ""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        _integers(s, self, "batch_size", "prompt_tokens", "output_tokens")
+        _integers(s, self, "seed", minimum=0)
+        _check(s, "routing", self.routing, self.routing in ROUTING_SOURCES,
+               f"one of {', '.join(ROUTING_SOURCES)}")
+        _non_negative(s, self, "alpha", "gate_bias")
+        _check(s, "alpha", self.alpha, self.alpha <= 10, "a number in 0..10")
+        _check(s, "reuse", self.reuse, isinstance(self.reuse, (int, float)) and 0 <= self.reuse <= 1,
+               "a number in 0..1")
+        if self.routing == "trace":
+            _check(s, "trace_path", self.trace_path, bool(self.trace_path),
+                   "a path to an npz routing file when routing = 'trace'")
+
+    @property
+    def max_context(self) -> int:
+        return self.prompt_tokens + self.output_tokens
+
+
+LB_SPLITS = ("expert", "fractional")
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """Knobs shared by the policies (which policies run is chosen on the command line).
+
+    ``expert_cache_bytes``: GPU memory for cached experts; -1 means what is left after the
+    non-expert weights, the KV cache and the on-demand fetch buffer. ``cache_fraction`` scales
+    that budget (the prefetch-budget sweep). ``fetch_buffer_experts``: how many experts one
+    step may fetch on demand (0: one whole layer, ``num_experts``).
+    """
+
+    SECTION: ClassVar[str] = "policy"
+    expert_cache_bytes: int = -1
+    cache_fraction: float = 1.0
+    fetch_buffer_experts: int = 0
+    lb_split: str = "expert"
+    eplb_redundant_per_unit: int = 1
+    eplb_window_steps: int = 64
+    eplb_period_steps: int = 32
+    profile_alpha: float = -1.0
+    profile_seed: int = 1
+    profile_domain_seed: int = -1
+    profile_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        _check(s, "expert_cache_bytes", self.expert_cache_bytes,
+               isinstance(self.expert_cache_bytes, int) and self.expert_cache_bytes >= -1,
+               "-1 (auto) or an integer >= 0")
+        _check(s, "cache_fraction", self.cache_fraction,
+               isinstance(self.cache_fraction, (int, float)) and 0 <= self.cache_fraction <= 1,
+               "a number in 0..1")
+        _integers(s, self, "fetch_buffer_experts", "eplb_redundant_per_unit", minimum=0)
+        _integers(s, self, "eplb_window_steps", "eplb_period_steps", "profile_tokens")
+        _integers(s, self, "profile_seed", minimum=0)
+        _integers(s, self, "profile_domain_seed", minimum=-1)
+        _check(s, "lb_split", self.lb_split, self.lb_split in LB_SPLITS, f"one of {', '.join(LB_SPLITS)}")
+        _check(s, "profile_alpha", self.profile_alpha,
+               isinstance(self.profile_alpha, (int, float)) and (self.profile_alpha == -1 or 0 <= self.profile_alpha <= 10),
+               "-1 (same as workload.alpha) or a number in 0..10")
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """Real matrices of the emulator. ``scale`` shrinks d_model and d_ff (0: chosen to fit)."""
+
+    SECTION: ClassVar[str] = "weights"
+    scale: float = 0.0
+    memory_budget_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.SECTION, "scale", self.scale,
+               isinstance(self.scale, (int, float)) and 0 <= self.scale <= 1, "a number in 0..1 (0: auto)")
+        _integers(self.SECTION, self, "memory_budget_bytes", minimum=0)
+
+
+@dataclass(frozen=True)
+class EmulateSpec:
+    """The Ray + zmq emulation cluster. ``dilation`` 0 means calibrate automatically."""
+
+    SECTION: ClassVar[str] = "emulate"
+    dilation: float = 0.0
+    target_fidelity: float = 0.05
+    recv_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _non_negative(self.SECTION, self, "dilation")
+        _positive(self.SECTION, self, "target_fidelity", "recv_timeout_s")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run's configuration. Frozen: nothing mutates it after load."""
+
+    gpu: GpuSpec = field(default_factory=GpuSpec)
+    ndp: NdpSpec = field(default_factory=NdpSpec)
+    link: LinkSpec = field(default_factory=LinkSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    policy: PolicySpec = field(default_factory=PolicySpec)
+    weights: WeightsSpec = field(default_factory=WeightsSpec)
+    emulate: EmulateSpec = field(default_factory=EmulateSpec)
+    system_name: str = "edge-rtx5080-ndp4"
+
+    def __post_init__(self) -> None:
+        check_fits(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+    # --- memory budget -------------------------------------------------------------------
+    @property
+    def fetch_buffer_experts(self) -> int:
+        n = self.policy.fetch_buffer_experts or self.model.num_experts
+        return min(n, self.model.num_experts)
+
+    @property
+    def auto_cache_bytes(self) -> int:
+        m = self.model
+        need = (m.non_expert_bytes + m.kv_bytes(self.workload.batch_size * self.workload.max_context)
+                + self.fetch_buffer_experts * m.expert_bytes)
+        return max(0, self.gpu.mem_bytes - need)
+
+    @property
+    def cache_bytes(self) -> int:
+        base = self.auto_cache_bytes if self.policy.expert_cache_bytes < 0 else self.policy.expert_cache_bytes
+        return int(base * self.policy.cache_fraction)
+
+    @property
+    def cache_capacity_experts(self) -> int:
+        return self.cache_bytes // self.model.expert_bytes
+
+
+SECTIONS: dict[str, type] = {
+    "gpu": GpuSpec, "ndp": NdpSpec, "link": LinkSpec, "model": ModelSpec,
+    "workload": WorkloadSpec, "policy": PolicySpec, "weights": WeightsSpec, "emulate": EmulateSpec,
+}
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB"
+
+
+def check_fits(cfg: Config) -> None:
+    """Checks across sections: the model must fit its memories, with the numbers if not."""
+    m, n = cfg.model, cfg.ndp
+    per_unit_experts = math.ceil(m.num_experts / n.num_ndp_units)
+    per_unit = m.num_layers * per_unit_experts * m.expert_bytes
+    if per_unit > n.capacity_bytes:
+        need_units = math.ceil(m.routed_expert_bytes / n.capacity_bytes)
+        raise ConfigError(
+            f"model {m.name!r} does not fit the NDP units: its routed experts take "
+            f"{_gb(m.routed_expert_bytes)}, {_gb(per_unit)} per unit over {n.num_ndp_units} units, "
+            f"but ndp.capacity_bytes = {n.capacity_bytes} ({_gb(n.capacity_bytes)}); "
+            f"use ndp.num_ndp_units >= {need_units} or a larger ndp.capacity_bytes"
+        )
+    gpu_need = m.non_expert_bytes + m.kv_bytes(cfg.workload.batch_size * cfg.workload.max_context)
+    if gpu_need > cfg.gpu.mem_bytes:
+        raise ConfigError(
+            f"model {m.name!r} does not fit the GPU: non-expert weights {_gb(m.non_expert_bytes)} "
+            f"plus KV cache {_gb(gpu_need - m.non_expert_bytes)} for batch "
+            f"{cfg.workload.batch_size} x {cfg.workload.max_context} tokens = {_gb(gpu_need)}, "
+            f"but gpu.mem_bytes = {cfg.gpu.mem_bytes} ({_gb(cfg.gpu.mem_bytes)})"
+        )
+    if cfg.policy.expert_cache_bytes > cfg.gpu.mem_bytes:
+        raise ConfigError(
+            f"policy.expert_cache_bytes = {cfg.policy.expert_cache_bytes} is not allowed: must be "
+            f"-1 (auto) or at most gpu.mem_bytes ({cfg.gpu.mem_bytes})"
+        )

@@ -1,0 +1,67 @@
+"""What a step scheduler sees and the base classes policies derive from.
+
+A scheduler turns a :class:`StepInput` (one layer's routed tokens per expert and the GPU
+cache contents) into a :class:`~policies.plan.Plan`. It may keep state across steps
+(``observe``), but it never reads a clock, does I/O or talks to Ray or zmq.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cluster.cost import CostModel
+from cluster.spec import Config
+from policies.plan import GPU, Plan, Task
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """One MoE step of one layer.
+
+    ``routed`` maps each active expert to the ids of the tokens routed to it (ascending);
+    ``cached`` holds the experts of this layer resident in the GPU expert cache.
+    """
+
+    layer: int
+    phase: str  # "prefill" or "decode"
+    routed: Mapping[int, tuple[int, ...]]
+    cached: frozenset[int] = frozenset()
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(len(t) for t in self.routed.values())
+
+
+def tp_bounds(d_ff: int, num_units: int) -> list[tuple[int, int]]:
+    """Contiguous ``d_ff`` column slices, one per unit, sizes differing by at most one.
+
+    Units beyond ``d_ff`` get an empty slice (and no work).
+    """
+    return [(u * d_ff // num_units, (u + 1) * d_ff // num_units) for u in range(num_units)]
+
+
+class Scheduler:
+    """Base step scheduler: subclasses implement :meth:`plan`."""
+
+    name = "base"
+
+    def __init__(self, cfg: Config, cost: CostModel) -> None:
+        self.cfg = cfg
+        self.cost = cost
+        self.num_units = cfg.ndp.num_ndp_units
+        self.d_ff = cfg.model.d_ff
+        self.max_fetch = cfg.fetch_buffer_experts
+
+    def plan(self, step: StepInput) -> Plan:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def observe(self, step: StepInput) -> None:
+        """Called after each step with what was routed (stateful policies learn here)."""
+
+    def ep_unit(self, expert: int) -> int:
+        """Balanced static expert-parallel placement: expert e lives on unit e mod N."""
+        return expert % self.num_units
+
+    def gpu_task(self, expert: int, tokens: tuple[int, ...]) -> Task:
+        return Task(GPU, expert, 0, self.d_ff, tokens)

@@ -1,0 +1,230 @@
+"""Prefetchers: who owns the GPU expert cache and what gets moved into it ahead of use.
+
+The cache holds ``(layer, expert)`` keys up to a capacity in experts; a prefetcher changes it
+only through :class:`ExpertCache`, which refuses to exceed its capacity. Engines call:
+
+- :meth:`Prefetcher.preload` once before the run: keys resident at no cost (model load time);
+- :meth:`Prefetcher.after_prefill` with the prefill's activation counts ``[layers, experts]``:
+  keys to fetch in the background, in issue order;
+- :meth:`Prefetcher.after_step` after every decode step of a layer, with the routed token
+  counts and the experts fetched on demand (already on the GPU): more background keys.
+
+Background fetches travel below on-demand traffic on the link; a key counts as resident
+for a step only once its bytes have arrived (the engine tracks that).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cluster.spec import Config
+from policies.registry import register
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+class ExpertCache:
+    """An ordered set of ``(layer, expert)`` keys that never holds more than ``capacity``."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError(f"cache capacity {capacity} < 0")
+        self.capacity = capacity
+        self._keys: OrderedDict[Key, None] = OrderedDict()
+        self._by_layer: dict[int, set[int]] = {}
+        self.evicted: list[Key] = []  # drained by the engine (cancels queued fetches)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    @property
+    def full(self) -> bool:
+        return len(self._keys) >= self.capacity
+
+    def add(self, key: Key) -> None:
+        if key in self._keys:
+            self._keys.move_to_end(key)
+            return
+        if len(self._keys) >= self.capacity:
+            raise OverflowError(f"expert cache full ({self.capacity} experts); evict first")
+        self._keys[key] = None
+        self._by_layer.setdefault(key[0], set()).add(key[1])
+
+    def touch(self, key: Key) -> None:
+        self._keys.move_to_end(key)
+
+    def remove(self, key: Key) -> None:
+        del self._keys[key]
+        self._by_layer[key[0]].discard(key[1])
+        self.evicted.append(key)
+
+    def oldest(self) -> Key:
+        return next(iter(self._keys))
+
+    def layer(self, layer: int) -> frozenset[int]:
+        return frozenset(self._by_layer.get(layer, ()))
+
+
+@dataclass
+class PrefetchContext:
+    """What a prefetcher may know. ``future``: decode routing, only for ``oracle``;
+    ``calibration``: activation counts ``[layers, experts]`` of a separate trace, for ``profiled``.
+    """
+
+    cfg: Config
+    capacity: int
+    future: list[list[Mapping[int, int]]] | None = None  # [decode step][layer] -> {expert: n}
+    calibration: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Prefetcher:
+    """No prefetching; the cache stays empty. Base class of the others."""
+
+    name = "base"
+
+    def __init__(self, ctx: PrefetchContext) -> None:
+        self.ctx = ctx
+        self.cache = ExpertCache(ctx.capacity)
+        self.num_layers = ctx.cfg.model.num_layers
+
+    def preload(self) -> list[Key]:
+        return []
+
+    def after_prefill(self, counts: np.ndarray) -> list[Key]:
+        return []
+
+    def after_step(self, layer: int, step: int, routed: Mapping[int, int],
+                   fetched: Iterable[int]) -> list[Key]:
+        return []
+
+    def _fill_by_rank(self, counts: np.ndarray) -> list[Key]:
+        """The ``capacity`` most counted keys (ties: lower layer, lower expert), in layer order."""
+        flat = counts.reshape(-1)
+        order = np.lexsort((np.arange(flat.size), -flat))  # count desc, then index asc
+        top = [int(i) for i in order[: self.cache.capacity] if flat[i] > 0]
+        E = counts.shape[1]
+        keys = sorted(((i // E, i % E) for i in top), key=lambda k: (k[0], -flat[k[0] * E + k[1]], k[1]))
+        for k in keys:
+            self.cache.add(k)
+        return keys
+
+
+@register("prefetcher", "none")
+class NoPrefetch(Prefetcher):
+    """No expert cache: experts run where the scheduler puts them, fetched ones are dropped."""
+
+
+@register("prefetcher", "prefill-freq")
+class PrefillFrequency(Prefetcher):
+    """The paper's dataset-free prefetch: after prefill, cache the prompt's most used experts."""
+
+    def after_prefill(self, counts: np.ndarray) -> list[Key]:
+        return self._fill_by_rank(counts)
+
+
+@register("prefetcher", "profiled")
+class Profiled(Prefetcher):
+    """Dataset-based: cache the most used experts of a separate calibration trace, preloaded."""
+
+    def preload(self) -> list[Key]:
+        if self.ctx.calibration is None:
+            raise ValueError("the profiled prefetcher needs calibration counts")
+        return self._fill_by_rank(self.ctx.calibration)
+
+
+@register("prefetcher", "lru")
+class Lru(Prefetcher):
+    """Online LRU: experts fetched on demand stay cached; the least recently used is evicted."""
+
+    def after_step(self, layer, step, routed, fetched) -> list[Key]:
+        for e in routed:
+            if (layer, e) in self.cache:
+                self.cache.touch((layer, e))
+        for e in fetched:
+            if self.cache.capacity == 0:
+                break
+            if (layer, e) not in self.cache and self.cache.full:
+                self.cache.remove(self.cache.oldest())
+            self.cache.add((layer, e))
+        return []
+
+
+@register("prefetcher", "lfu")
+class Lfu(Prefetcher):
+    """Online LFU: experts fetched on demand are cached if used more often than the least used."""
+
+    def __init__(self, ctx: PrefetchContext) -> None:
+        super().__init__(ctx)
+        self.freq = np.zeros((ctx.cfg.model.num_layers, ctx.cfg.model.num_experts), dtype=np.int64)
+
+    def after_step(self, layer, step, routed, fetched) -> list[Key]:
+        for e, n in routed.items():
+            self.freq[layer, e] += n
+        for e in fetched:
+            key = (layer, e)
+            if key in self.cache or self.cache.capacity == 0:
+                continue
+            if self.cache.full:
+                victim = min(self.cache, key=lambda k: (self.freq[k], k))
+                if self.freq[victim] >= self.freq[key]:
+                    continue
+                self.cache.remove(victim)
+            self.cache.add(key)
+        return []
+
+
+@register("prefetcher", "oracle")
+class Oracle(Prefetcher):
+    """Upper bound: knows future routing; fills with the decode's most used experts, Belady after."""
+
+    def __init__(self, ctx: PrefetchContext) -> None:
+        super().__init__(ctx)
+        if ctx.future is None:
+            raise ValueError("the oracle prefetcher needs the future routing")
+        self.next_use: dict[Key, list[int]] = {}
+        for s, layers in enumerate(ctx.future):
+            for lay, routed in enumerate(layers):
+                for e in routed:
+                    self.next_use.setdefault((lay, e), []).append(s)
+        for uses in self.next_use.values():
+            uses.reverse()  # pop() from the end gives the soonest
+
+    def _next(self, key: Key, step: int) -> int:
+        uses = self.next_use.get(key)
+        while uses and uses[-1] <= step:
+            uses.pop()
+        return uses[-1] if uses else 1 << 60
+
+    def after_prefill(self, counts: np.ndarray) -> list[Key]:
+        L, E = self.ctx.cfg.model.num_layers, self.ctx.cfg.model.num_experts
+        future = np.zeros((L, E))
+        for layers in self.ctx.future or []:
+            for lay, routed in enumerate(layers):
+                for e, n in routed.items():
+                    future[lay, e] += n
+        return self._fill_by_rank(future)
+
+    def after_step(self, layer, step, routed, fetched) -> list[Key]:
+        for e in fetched:
+            key = (layer, e)
+            if key in self.cache or self.cache.capacity == 0:
+                continue
+            nxt = self._next(key, step)
+            if self.cache.full:
+                victim = max(self.cache, key=lambda k: (self._next(k, step), k))
+                if self._next(victim, step) <= nxt:
+                    continue
+                self.cache.remove(victim)
+            self.cache.add(key)
+        return []

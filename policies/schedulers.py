@@ -1,0 +1,163 @@
+"""Step schedulers: ``ep``, ``monde``, ``tp``, ``tp-lb`` (DESIGN.md section 4).
+
+Experts resident in the GPU cache run on the GPU under every scheduler (the cache is the
+prefetcher's business); the schedulers differ in where the other experts run.
+"""
+
+from __future__ import annotations
+
+from policies.base import Scheduler, StepInput, tp_bounds
+from policies.plan import GPU, Fetch, Plan, Task, time_plan
+from policies.registry import register
+
+
+@register("scheduler", "ep")
+class ExpertParallel(Scheduler):
+    """Expert parallel, NDP only: each expert runs whole on its home unit (e mod N)."""
+
+    def plan(self, step: StepInput) -> Plan:
+        d_ff = self.d_ff
+        tasks = tuple(
+            self.gpu_task(e, toks) if e in step.cached else Task(e % self.num_units, e, 0, d_ff, toks)
+            for e, toks in step.routed.items()
+        )
+        return Plan(step.layer, tasks)
+
+
+@register("scheduler", "monde")
+class MoNDE(Scheduler):
+    """MoNDE (DAC'24): hot experts (fetch + GPU cheaper than NDP in place) move to the GPU.
+
+    Per expert, with its routed token count n: hot iff ``fetch_s + gpu_expert_s(n) <
+    ndp_expert_s(n)`` on its home unit. The decision is per expert, as in MoNDE, and does
+    not account for link contention between hot experts. At most ``fetch_buffer_experts``
+    are fetched per step, most tokens first.
+    """
+
+    def plan(self, step: StepInput) -> Plan:
+        cost, d_ff = self.cost, self.d_ff
+        fetch_s = cost.fetch_s()
+        hot: list[tuple[int, int]] = []
+        tasks: list[Task] = []
+        for e, toks in step.routed.items():
+            n = len(toks)
+            if e in step.cached:
+                tasks.append(self.gpu_task(e, toks))
+            elif fetch_s + cost.gpu_expert_s(n) < cost.ndp_expert_s(n):
+                hot.append((-n, e))
+            else:
+                tasks.append(Task(e % self.num_units, e, 0, d_ff, toks))
+        hot.sort()
+        fetches = []
+        for i, (_, e) in enumerate(hot):
+            toks = step.routed[e]
+            if i < self.max_fetch:
+                fetches.append(Fetch(e, 0, d_ff))
+                tasks.append(self.gpu_task(e, toks))
+            else:
+                tasks.append(Task(e % self.num_units, e, 0, d_ff, toks))
+        return Plan(step.layer, tuple(tasks), tuple(fetches))
+
+
+@register("scheduler", "tp")
+class TensorParallel(Scheduler):
+    """Tensor parallel over NDP units: every expert split along d_ff across all N units."""
+
+    def __init__(self, cfg, cost) -> None:
+        super().__init__(cfg, cost)
+        self.bounds = [b for b in tp_bounds(self.d_ff, self.num_units) if b[1] > b[0]]
+
+    def ndp_tasks(self, e: int, toks: tuple[int, ...]) -> list[Task]:
+        return [Task(u, e, lo, hi, toks) for u, (lo, hi) in enumerate(self.bounds)]
+
+    def plan(self, step: StepInput) -> Plan:
+        tasks: list[Task] = []
+        for e, toks in step.routed.items():
+            if e in step.cached:
+                tasks.append(self.gpu_task(e, toks))
+            else:
+                tasks.extend(self.ndp_tasks(e, toks))
+        return Plan(step.layer, tuple(tasks))
+
+
+@register("scheduler", "tp-lb")
+class TensorParallelLoadBalanced(TensorParallel):
+    """The paper's load-balancing-aware GPU/NDP split on top of ``tp`` (minimises the makespan).
+
+    Cached experts run on the GPU. The other active experts are ranked by routed tokens
+    (most first); the scheduler moves the best prefix of that ranking to the GPU (fetched on
+    demand, fetch and GPU compute pipelined), choosing the prefix length whose step makespan
+    under :func:`~policies.plan.time_plan` is smallest. Prefix length 0 is the ``tp`` plan,
+    so the result is never slower than ``tp`` under the same timing rules. Up to 16
+    candidates every prefix is timed; beyond, a binary search for the point where the GPU
+    side overtakes the NDP side, checked against its neighbours and against ``tp``.
+    With ``policy.lb_split = "fractional"`` the next expert after the best prefix may also be
+    split by columns between the GPU and the NDP units (an extension beyond the paper).
+    """
+
+    def plan(self, step: StepInput) -> Plan:
+        cached_tasks: list[Task] = []
+        cands: list[tuple[int, int]] = []
+        for e, toks in step.routed.items():
+            if e in step.cached:
+                cached_tasks.append(self.gpu_task(e, toks))
+            else:
+                cands.append((-len(toks), e))
+        cands.sort()
+        order = [e for _, e in cands]
+        limit = min(len(order), self.max_fetch)
+        cache: dict[int, tuple[float, Plan]] = {}
+
+        def build(m: int) -> Plan:
+            tasks = list(cached_tasks)
+            fetches = []
+            for i, e in enumerate(order):
+                toks = step.routed[e]
+                if i < m:
+                    tasks.append(self.gpu_task(e, toks))
+                    fetches.append(Fetch(e, 0, self.d_ff))
+                else:
+                    tasks.extend(self.ndp_tasks(e, toks))
+            return Plan(step.layer, tuple(tasks), tuple(fetches))
+
+        def span(m: int) -> float:
+            if m not in cache:
+                p = build(m)
+                cache[m] = (time_plan(p, self.cost, self.num_units).makespan_s, p)
+            return cache[m][0]
+
+        if limit <= 16:
+            best = min(range(limit + 1), key=lambda m: (span(m), m))
+        else:
+            lo, hi = 0, limit  # find the first m where adding one more stops helping
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if span(mid + 1) < span(mid):
+                    lo = mid + 1
+                else:
+                    hi = mid
+            best = min({0, max(0, lo - 1), lo, min(limit, lo + 1)}, key=lambda m: (span(m), m))
+        plan = cache[best][1]
+        if self.cfg.policy.lb_split == "fractional" and best < len(order):
+            plan = self._fractional(step, plan, cache[best][0], order[best], cached_tasks)
+        return plan
+
+    def _fractional(self, step: StepInput, plan: Plan, span: float, e: int,
+                    fixed: list[Task]) -> Plan:
+        """Tries moving the first ``c`` columns of expert ``e`` to the GPU; keeps the best."""
+        toks = step.routed[e]
+        rest = [t for t in plan.tasks if t.expert != e]
+        best_plan, best_span = plan, span
+        for q in (1, 2, 3):  # a quarter, a half, three quarters of the columns
+            c = self.d_ff * q // 4
+            if c <= 0 or c >= self.d_ff:
+                continue
+            width = self.d_ff - c
+            ndp = [Task(u, e, c + lo, c + hi, toks)
+                   for u, (lo, hi) in enumerate(tp_bounds(width, self.num_units)) if hi > lo]
+            cand = Plan(step.layer, (*rest, Task(GPU, e, 0, c, toks), *ndp),
+                        (*plan.fetches, Fetch(e, 0, c)))
+            s = time_plan(cand, self.cost, self.num_units).makespan_s
+            if s < best_span:
+                best_plan, best_span = cand, s
+        return best_plan
