@@ -82,8 +82,13 @@ def make_prefetcher(cfg: Config, name: str, routing: Routing) -> Prefetcher:
 
 
 def run_policy(cfg: Config, routing: Routing, name: str,
-               progress: Callable[[int], None] | None = None) -> PolicyRecords:
-    """Runs one policy (a name ``policies.resolve`` accepts) through the whole workload."""
+               progress: Callable[[int], None] | None = None,
+               trace_steps: range = range(1, 3)) -> PolicyRecords:
+    """Runs one policy (a name ``policies.resolve`` accepts) through the whole workload.
+
+    Steps whose index is in ``trace_steps`` (0 = prefill, 1.. = decode) keep busy intervals
+    of every resource for the Chrome trace.
+    """
     choice = policies.resolve(name)
     cost = CostModel(cfg)
     sched = policies.get("scheduler", choice.scheduler)(cfg, cost)
@@ -101,8 +106,14 @@ def run_policy(cfg: Config, routing: Routing, name: str,
         resident = frozenset(e for e in pf.cache.layer(layer) if bg.arrived.get((layer, e), np.inf) <= t)
         inp = policies.StepInput(layer, phase, routed, resident)
         plan = sched.plan(inp)
-        timing = policies.time_plan(plan, cost, N)
+        traced = step in trace_steps
+        timing = policies.time_plan(plan, cost, N, record=traced)
         start, end = t, t + timing.makespan_s
+        if traced:
+            for iv in timing.intervals:
+                iv.start_s += start
+                iv.end_s += start
+            rec.intervals.extend(timing.intervals)
         bg.advance(end, [(start + a, start + b) for a, b in timing.link_segments])
         gpu_tasks = [tk for tk in plan.tasks if tk.device == policies.GPU]
         rec.steps.append(StepRecord(
@@ -123,19 +134,21 @@ def run_policy(cfg: Config, routing: Routing, name: str,
             if more:
                 bg.push(more, t)
 
-    def gpu(seconds: float) -> None:
+    def gpu(seconds: float, step: int, label: str) -> None:
         nonlocal t
+        if step in trace_steps:
+            rec.intervals.append(policies.plan.Interval("gpu", "layer", t, t + seconds, label))
         t += seconds
         rec.gpu_other_busy_s += seconds
 
     # Prefill: all prompt tokens of the batch in one step per layer.
     n_pre = B * P
     for _ in range(cfg.model.num_dense_layers):
-        gpu(cost.gpu_dense_layer_s(n_pre, P, B))
+        gpu(cost.gpu_dense_layer_s(n_pre, P, B), 0, "dense layer")
     for layer in range(L):
-        gpu(cost.gpu_layer_s(n_pre, P, B))
+        gpu(cost.gpu_layer_s(n_pre, P, B), 0, f"L{layer} attention+router")
         moe_step("prefill", 0, layer, group_by_expert(routing.prefill_ids(layer)))
-    gpu(cost.gpu_head_s(B))
+    gpu(cost.gpu_head_s(B), 0, "lm head")
     rec.tokens.append(TokenRecord(name, 0, t, t))
     bg.push(pf.after_prefill(routing.prefill_counts(cfg.model.num_experts)), t)
     if progress:
@@ -144,11 +157,11 @@ def run_policy(cfg: Config, routing: Routing, name: str,
     for s in range(routing.decode_steps):
         ctx = P + s + 1
         for _ in range(cfg.model.num_dense_layers):
-            gpu(cost.gpu_dense_layer_s(B, ctx, B))
+            gpu(cost.gpu_dense_layer_s(B, ctx, B), s + 1, "dense layer")
         for layer in range(L):
-            gpu(cost.gpu_layer_s(B, ctx, B))
+            gpu(cost.gpu_layer_s(B, ctx, B), s + 1, f"L{layer} attention+router")
             moe_step("decode", s + 1, layer, group_by_expert(routing.decode_ids(s, layer)))
-        gpu(cost.gpu_head_s(B))
+        gpu(cost.gpu_head_s(B), s + 1, "lm head")
         rec.tokens.append(TokenRecord(name, s + 1, t, t - rec.tokens[-1].time_s))
         if progress:
             progress(1)

@@ -79,6 +79,7 @@ class PolicyRecords:
     gpu_other_busy_s: float = 0.0  # attention, router, dense layers, LM head
     prefetch_bytes: int = 0
     prefetched_experts: int = 0
+    intervals: list[Any] = field(default_factory=list)  # policies.plan.Interval, absolute times
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -165,7 +165,7 @@ def load_trace(path: str | Path, model: ModelSpec, work: WorkloadSpec) -> Routin
         ids = ids[: B * S].reshape(B, S, *ids.shape[1:])
         weights = None if weights is None else weights[: B * S].reshape(B, S, *weights.shape[1:])
     L, k = ids.shape[2], ids.shape[3]
-    if L != model.num_layers or k != model.top_k:
+    if model.num_layers != L or k != model.top_k:
         raise RoutingError(
             f"routing trace {str(p)!r} has {L} layers and top-{k}, but model {model.name!r} has "
             f"num_layers = {model.num_layers} and top_k = {model.top_k}; set them to match "

@@ -48,8 +48,8 @@ def replicate_and_pack(load: np.ndarray, num_units: int, redundant: int) -> list
     unit_load = np.zeros(num_units)
     for e in range(num_experts):
         unit_load[e % num_units] += load[e] / replicas[e]
-    extra = sorted(((-(load[e] / replicas[e]), e) for e in range(num_experts)
-                    for _ in range(replicas[e] - 1)))
+    extra = sorted((-(load[e] / replicas[e]), e) for e in range(num_experts)
+                    for _ in range(replicas[e] - 1))
     for neg, e in extra:
         free = [u for u in range(num_units) if u not in units[e]]
         u = min(free, key=lambda x: (unit_load[x], x))

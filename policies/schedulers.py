@@ -7,7 +7,7 @@ prefetcher's business); the schedulers differ in where the other experts run.
 from __future__ import annotations
 
 from policies.base import Scheduler, StepInput, tp_bounds
-from policies.plan import GPU, Fetch, Plan, Task, time_plan
+from policies.plan import GPU, Fetch, Plan, Task, _fill_gaps, time_plan
 from policies.registry import register
 
 
@@ -106,44 +106,96 @@ class TensorParallelLoadBalanced(TensorParallel):
         cands.sort()
         order = [e for _, e in cands]
         limit = min(len(order), self.max_fetch)
-        cache: dict[int, tuple[float, Plan]] = {}
+        span = self._span_fn(step, cached_tasks, order)
+        memo: dict[int, float] = {}
 
-        def build(m: int) -> Plan:
-            tasks = list(cached_tasks)
-            fetches = []
-            for i, e in enumerate(order):
-                toks = step.routed[e]
-                if i < m:
-                    tasks.append(self.gpu_task(e, toks))
-                    fetches.append(Fetch(e, 0, self.d_ff))
-                else:
-                    tasks.extend(self.ndp_tasks(e, toks))
-            return Plan(step.layer, tuple(tasks), tuple(fetches))
-
-        def span(m: int) -> float:
-            if m not in cache:
-                p = build(m)
-                cache[m] = (time_plan(p, self.cost, self.num_units).makespan_s, p)
-            return cache[m][0]
+        def at(m: int) -> float:
+            if m not in memo:
+                memo[m] = span(m)
+            return memo[m]
 
         if limit <= 16:
-            best = min(range(limit + 1), key=lambda m: (span(m), m))
+            best = min(range(limit + 1), key=lambda m: (at(m), m))
         else:
-            lo, hi = 0, limit  # find the first m where adding one more stops helping
+            lo, hi = 0, limit  # the first m where one more fetched expert stops helping
             while lo < hi:
                 mid = (lo + hi) // 2
-                if span(mid + 1) < span(mid):
+                if at(mid + 1) < at(mid):
                     lo = mid + 1
                 else:
                     hi = mid
-            best = min({0, max(0, lo - 1), lo, min(limit, lo + 1)}, key=lambda m: (span(m), m))
-        plan = cache[best][1]
+            best = min({0, max(0, lo - 1), lo, min(limit, lo + 1)}, key=lambda m: (at(m), m))
+        plan = self._build(step, cached_tasks, order, best)
         if self.cfg.policy.lb_split == "fractional" and best < len(order):
-            plan = self._fractional(step, plan, cache[best][0], order[best], cached_tasks)
+            plan = self._fractional(step, plan, memo[best], order[best])
         return plan
 
-    def _fractional(self, step: StepInput, plan: Plan, span: float, e: int,
-                    fixed: list[Task]) -> Plan:
+    def _build(self, step: StepInput, cached_tasks: list[Task], order: list[int], m: int) -> Plan:
+        tasks = list(cached_tasks)
+        fetches = []
+        for i, e in enumerate(order):
+            toks = step.routed[e]
+            if i < m:
+                tasks.append(self.gpu_task(e, toks))
+                fetches.append(Fetch(e, 0, self.d_ff))
+            else:
+                tasks.extend(self.ndp_tasks(e, toks))
+        return Plan(step.layer, tuple(tasks), tuple(fetches))
+
+    def _span_fn(self, step: StepInput, cached_tasks: list[Task], order: list[int]):
+        """``span(m)``: the makespan ``time_plan`` gives the plan moving ``order[:m]`` to the GPU.
+
+        The same rules as :func:`policies.plan.time_plan`, specialised to this plan shape
+        (every NDP unit holds a slice of every remaining expert) so that all prefixes are
+        timed from suffix sums instead of building and timing each plan (tested equal).
+        """
+        cost, bounds, d_ff = self.cost, self.bounds, self.d_ff
+        U, F = len(bounds), len(order)
+        fracs = [(hi - lo) / d_ff for lo, hi in bounds]
+        ntok = [len(step.routed[e]) for e in order]
+        # suffix sums of unit work and suffix token-union sizes
+        suffix_work = [[0.0] * U for _ in range(F + 1)]
+        suffix_toks = [0] * (F + 1)
+        seen: set[int] = set()
+        for i in range(F - 1, -1, -1):
+            row, nxt = suffix_work[i], suffix_work[i + 1]
+            for u in range(U):
+                row[u] = nxt[u] + cost.ndp_expert_s(ntok[i], fracs[u])
+            seen.update(step.routed[order[i]])
+            suffix_toks[i] = len(seen)
+        all_tokens = set(seen)
+        for t in cached_tasks:
+            all_tokens.update(t.tokens)
+        g0 = sum(cost.gpu_expert_s(len(t.tokens)) for t in cached_tasks)
+        fetch = cost.fetch_s()
+        gpu_s = [cost.gpu_expert_s(n) for n in ntok]
+        n_tokens = len(all_tokens)
+
+        def span(m: int) -> float:
+            busy: list[tuple[float, float]] = []
+            partial_end = 0.0
+            units = U if m < F else 0
+            if units:
+                t_a = cost.transfer_s(cost.activation_bytes(suffix_toks[m]))
+                work = suffix_work[m]
+                rel = sorted(((u + 1) * t_a + work[u], u) for u in range(U))
+                busy = [(u * t_a, (u + 1) * t_a) for u in range(U)]
+                link_t = U * t_a
+                for done, _ in rel:
+                    start = done if done > link_t else link_t
+                    link_t = start + t_a
+                    busy.append((start, link_t))
+                partial_end = link_t
+            g = g0
+            if m:
+                for i, segs in enumerate(_fill_gaps(busy, 0.0, [fetch] * m)):
+                    f = segs[-1][1]
+                    g = (f if f > g else g) + gpu_s[i]
+            parts = units + (1 if (cached_tasks or m) else 0)
+            return max(g, partial_end) + cost.gpu_combine_s(n_tokens, parts)
+
+        return span
+    def _fractional(self, step: StepInput, plan: Plan, span: float, e: int) -> Plan:
         """Tries moving the first ``c`` columns of expert ``e`` to the GPU; keeps the best."""
         toks = step.routed[e]
         rest = [t for t in plan.tasks if t.expert != e]
