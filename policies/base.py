@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from cluster.cost import CostModel
 from cluster.spec import Config
-from policies.plan import GPU, Plan, Task
+from policies.plan import GPU, Plan, Task, tp_bounds  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,6 @@ class StepInput:
     @property
     def num_pairs(self) -> int:
         return sum(len(t) for t in self.routed.values())
-
-
-def tp_bounds(d_ff: int, num_units: int) -> list[tuple[int, int]]:
-    """Contiguous ``d_ff`` column slices, one per unit, sizes differing by at most one.
-
-    Units beyond ``d_ff`` get an empty slice (and no work).
-    """
-    return [(u * d_ff // num_units, (u + 1) * d_ff // num_units) for u in range(num_units)]
 
 
 class Scheduler:

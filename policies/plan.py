@@ -23,11 +23,26 @@ from dataclasses import dataclass, field
 from cluster.cost import CostModel
 
 GPU = -1  # device id of the GPU in a Task; NDP units are 0..N-1
+ALL_UNITS = -2  # a tensor-parallel task: its columns are split over every unit (tp_bounds)
+
+
+def tp_bounds(d_ff: int, num_units: int) -> list[tuple[int, int]]:
+    """Contiguous ``d_ff`` column slices, one per unit, sizes differing by at most one.
+
+    Units beyond ``d_ff`` get an empty slice (and no work).
+    """
+    return [(u * d_ff // num_units, (u + 1) * d_ff // num_units) for u in range(num_units)]
 
 
 @dataclass(frozen=True, slots=True)
 class Task:
-    """Compute expert ``expert`` columns ``[col_start, col_end)`` of d_ff for ``tokens``."""
+    """Compute expert ``expert`` columns ``[col_start, col_end)`` of d_ff for ``tokens``.
+
+    ``device`` is :data:`GPU`, a unit index, or :data:`ALL_UNITS`: the columns are split over
+    the N units by :func:`tp_bounds` (unit u computes ``col_start + tp_bounds(width, N)[u]``).
+    A plan keeps tensor-parallel work in that compact form (one task instead of N) so that
+    plans at stress scale stay cheap; :meth:`Plan.expand` gives the per-unit tasks.
+    """
 
     device: int
     expert: int
@@ -58,6 +73,18 @@ class Plan:
 
     def fetched_experts(self) -> set[int]:
         return {f.expert for f in self.fetches}
+
+    def expand(self, num_units: int) -> tuple[Task, ...]:
+        """Tasks with every :data:`ALL_UNITS` task replaced by its non-empty per-unit slices."""
+        out: list[Task] = []
+        for t in self.tasks:
+            if t.device != ALL_UNITS:
+                out.append(t)
+                continue
+            for u, (lo, hi) in enumerate(tp_bounds(t.col_end - t.col_start, num_units)):
+                if hi > lo:
+                    out.append(Task(u, t.expert, t.col_start + lo, t.col_start + hi, t.tokens))
+        return tuple(out)
 
 
 @dataclass
@@ -120,35 +147,40 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False)
     d_ff = cost.cfg.model.d_ff
     unit_tasks: list[list[Task]] = [[] for _ in range(num_units)]
     gpu_tasks: list[Task] = []
+    groups: dict[tuple[int, int], list[Task]] = {}
     for t in plan.tasks:
-        (gpu_tasks if t.device == GPU else unit_tasks[t.device]).append(t)
+        if t.device == GPU:
+            gpu_tasks.append(t)
+        elif t.device == ALL_UNITS:
+            groups.setdefault((t.col_start, t.col_end), []).append(t)
+        else:
+            unit_tasks[t.device].append(t)
     intervals: list[Interval] = []
     link_bytes = {"activation": 0, "partial": 0, "fetch": 0}
+    work, toks, slices = _unit_loads(unit_tasks, groups, cost, num_units, d_ff)
 
     # Priority 0 on the link: one activation message per busy unit, then partials on release.
     link_t = 0.0
     busy: list[tuple[float, float]] = []
-    unit_busy = [0.0] * num_units
     releases: list[tuple[float, int, int]] = []  # (unit done, unit, n_tokens)
-    for u, tasks in enumerate(unit_tasks):
-        if not tasks:
+    for u in range(num_units):
+        if not toks[u]:
             continue
-        toks = len(set().union(*(t.tokens for t in tasks))) if len(tasks) > 1 else len(tasks[0].tokens)
-        nbytes = cost.activation_bytes(toks)
+        nbytes = cost.activation_bytes(toks[u])
         link_bytes["activation"] += nbytes
         start, link_t = link_t, link_t + cost.transfer_s(nbytes)
         busy.append((start, link_t))
-        t_u = link_t
-        for task in tasks:
-            dur = cost.ndp_expert_s(len(task.tokens), (task.col_end - task.col_start) / d_ff)
-            if record:
-                intervals.append(Interval(f"ndp{u}", "expert", t_u, t_u + dur,
-                                          f"L{plan.layer} e{task.expert}"))
-            t_u += dur
-            unit_busy[u] += dur
-        releases.append((t_u, u, toks))
+        releases.append((link_t + work[u], u, toks[u]))
         if record:
             intervals.append(Interval("link", "activation", start, link_t, f"act->ndp{u}"))
+            t_u = link_t
+            pieces = [(t, t.col_end - t.col_start) for t in unit_tasks[u]]
+            pieces += [(t, hi - lo) for (lo, hi), tasks in slices[u] for t in tasks]
+            for task, width in pieces:
+                dur = cost.ndp_expert_s(len(task.tokens), width / d_ff)
+                intervals.append(Interval(f"ndp{u}", "expert", t_u, t_u + dur,
+                                          f"L{plan.layer} e{task.expert}"))
+                t_u += dur
     releases.sort()
     partial_end = 0.0
     for done, u, toks in releases:
@@ -196,8 +228,50 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False)
         intervals.append(Interval("gpu", "combine", ready, ready + combine, f"L{plan.layer}"))
     segments.sort()
     link_busy = sum(b - a for a, b in segments)
-    return StepTiming(ready + combine, unit_busy, gpu_busy + combine, link_bytes, link_busy,
+    return StepTiming(ready + combine, work, gpu_busy + combine, link_bytes, link_busy,
                       segments, intervals)
+
+
+def _unit_loads(unit_tasks: list[list[Task]], groups: dict[tuple[int, int], list[Task]],
+                cost: CostModel, num_units: int, d_ff: int):
+    """Per unit: busy seconds, tokens it needs, and its tensor-parallel slices.
+
+    A group of :data:`ALL_UNITS` tasks sharing a column range gives each unit a slice of at
+    most two distinct widths, so its cost is computed once per width, not once per unit.
+    """
+    work = [0.0] * num_units
+    token_sets: list[set[int] | None] = [None] * num_units
+    for u, tasks in enumerate(unit_tasks):
+        for task in tasks:
+            work[u] += cost.ndp_expert_s(len(task.tokens), (task.col_end - task.col_start) / d_ff)
+        if tasks:
+            token_sets[u] = set().union(*(t.tokens for t in tasks))
+    slices: list[list[tuple[tuple[int, int], list[Task]]]] = [[] for _ in range(num_units)]
+    member: list[list[int]] = [[] for _ in range(num_units)]
+    unions: list[set[int]] = []
+    for gi, ((lo, hi), tasks) in enumerate(groups.items()):
+        unions.append(set().union(*(t.tokens for t in tasks)))
+        per_width: dict[int, float] = {}
+        for u, (a, b) in enumerate(tp_bounds(hi - lo, num_units)):
+            w = b - a
+            if w <= 0:
+                continue
+            if w not in per_width:
+                per_width[w] = sum(cost.ndp_expert_s(len(t.tokens), w / d_ff) for t in tasks)
+            work[u] += per_width[w]
+            member[u].append(gi)
+            slices[u].append(((lo + a, lo + b), tasks))
+    toks = [0] * num_units
+    counted: dict[tuple[int, ...], int] = {}
+    for u in range(num_units):
+        if token_sets[u] is not None:
+            toks[u] = len(token_sets[u].union(*(unions[g] for g in member[u])))
+        elif member[u]:
+            key = tuple(member[u])
+            if key not in counted:
+                counted[key] = len(set().union(*(unions[g] for g in key)))
+            toks[u] = counted[key]
+    return work, toks, slices
 
 
 def lower_bound_s(plan: Plan, cost: CostModel, num_units: int) -> float:
@@ -208,7 +282,7 @@ def lower_bound_s(plan: Plan, cost: CostModel, num_units: int) -> float:
     """
     d_ff = cost.cfg.model.d_ff
     ndp_bytes = ndp_flops = gpu_s = 0.0
-    for t in plan.tasks:
+    for t in plan.expand(num_units):
         flops, nbytes = cost.expert_work(len(t.tokens), (t.col_end - t.col_start) / d_ff)
         if t.device == GPU:
             gpu_s += max(flops / cost.gpu_flops, nbytes / cost.gpu_bw)

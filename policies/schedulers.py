@@ -7,7 +7,7 @@ prefetcher's business); the schedulers differ in where the other experts run.
 from __future__ import annotations
 
 from policies.base import Scheduler, StepInput, tp_bounds
-from policies.plan import GPU, Fetch, Plan, Task, _fill_gaps, time_plan
+from policies.plan import ALL_UNITS, GPU, Fetch, Plan, Task, _fill_gaps, time_plan
 from policies.registry import register
 
 
@@ -68,7 +68,7 @@ class TensorParallel(Scheduler):
         self.bounds = [b for b in tp_bounds(self.d_ff, self.num_units) if b[1] > b[0]]
 
     def ndp_tasks(self, e: int, toks: tuple[int, ...]) -> list[Task]:
-        return [Task(u, e, lo, hi, toks) for u, (lo, hi) in enumerate(self.bounds)]
+        return [Task(ALL_UNITS, e, 0, self.d_ff, toks)]
 
     def plan(self, step: StepInput) -> Plan:
         tasks: list[Task] = []
@@ -151,16 +151,17 @@ class TensorParallelLoadBalanced(TensorParallel):
         """
         cost, bounds, d_ff = self.cost, self.bounds, self.d_ff
         U, F = len(bounds), len(order)
-        fracs = [(hi - lo) / d_ff for lo, hi in bounds]
+        widths = [hi - lo for lo, hi in bounds]
+        distinct = sorted(set(widths))
         ntok = [len(step.routed[e]) for e in order]
-        # suffix sums of unit work and suffix token-union sizes
-        suffix_work = [[0.0] * U for _ in range(F + 1)]
+        # suffix sums of unit work (one per distinct slice width) and suffix token-union sizes
+        suffix: dict[int, list[float]] = {w: [0.0] * (F + 1) for w in distinct}
         suffix_toks = [0] * (F + 1)
         seen: set[int] = set()
         for i in range(F - 1, -1, -1):
-            row, nxt = suffix_work[i], suffix_work[i + 1]
-            for u in range(U):
-                row[u] = nxt[u] + cost.ndp_expert_s(ntok[i], fracs[u])
+            for w in distinct:
+                col = suffix[w]
+                col[i] = col[i + 1] + cost.ndp_expert_s(ntok[i], w / d_ff)
             seen.update(step.routed[order[i]])
             suffix_toks[i] = len(seen)
         all_tokens = set(seen)
@@ -177,8 +178,7 @@ class TensorParallelLoadBalanced(TensorParallel):
             units = U if m < F else 0
             if units:
                 t_a = cost.transfer_s(cost.activation_bytes(suffix_toks[m]))
-                work = suffix_work[m]
-                rel = sorted(((u + 1) * t_a + work[u], u) for u in range(U))
+                rel = sorted(((u + 1) * t_a + suffix[widths[u]][m], u) for u in range(U))
                 busy = [(u * t_a, (u + 1) * t_a) for u in range(U)]
                 link_t = U * t_a
                 for done, _ in rel:
@@ -204,10 +204,7 @@ class TensorParallelLoadBalanced(TensorParallel):
             c = self.d_ff * q // 4
             if c <= 0 or c >= self.d_ff:
                 continue
-            width = self.d_ff - c
-            ndp = [Task(u, e, c + lo, c + hi, toks)
-                   for u, (lo, hi) in enumerate(tp_bounds(width, self.num_units)) if hi > lo]
-            cand = Plan(step.layer, (*rest, Task(GPU, e, 0, c, toks), *ndp),
+            cand = Plan(step.layer, (*rest, Task(GPU, e, 0, c, toks), Task(ALL_UNITS, e, c, self.d_ff, toks)),
                         (*plan.fetches, Fetch(e, 0, c)))
             s = time_plan(cand, self.cost, self.num_units).makespan_s
             if s < best_span:
