@@ -81,6 +81,127 @@ def make_prefetcher(cfg: Config, name: str, routing: Routing) -> Prefetcher:
     return cls(ctx)
 
 
+class Executor:
+    """Where an :class:`Episode`'s work really happens. The analytic engine's does nothing.
+
+    The emulation engine overrides these hooks to run the real matmuls on its actors and to
+    pace wall-clock time; the episode's timing rules stay the same for both engines.
+    """
+
+    def gpu_work(self, kind: str, phase: str, step: int, layer: int, start_s: float,
+                 seconds: float) -> None:
+        """GPU-only work: ``attention`` (+ router) of a MoE layer, a ``dense`` layer, ``head``."""
+
+    def moe(self, phase: str, step: int, layer: int, plan: policies.Plan,
+            timing: policies.StepTiming, start_s: float) -> None:
+        """One MoE step, planned and timed (``timing`` is relative to ``start_s``)."""
+
+    def token_done(self, step: int, time_s: float) -> None:
+        """An output token is ready at emulated ``time_s``."""
+
+
+class Episode:
+    """One policy through the whole workload: the step order, the cache and prefetch books.
+
+    Shared by both engines: the analytic engine runs it with a do-nothing :class:`Executor`,
+    the emulation cluster's scheduler with one that drives its actors.
+    """
+
+    def __init__(self, cfg: Config, routing: Routing, name: str,
+                 executor: Executor | None = None, trace_steps: range = range(1, 3)) -> None:
+        self.cfg, self.routing, self.name = cfg, routing, name
+        choice = policies.resolve(name)
+        self.cost = CostModel(cfg)
+        self.sched = policies.get("scheduler", choice.scheduler)(cfg, self.cost)
+        self.pf = make_prefetcher(cfg, choice.prefetcher, routing)
+        self.rec = PolicyRecords(name, choice.scheduler, choice.prefetcher)
+        self.executor = executor or Executor()
+        self.trace_steps = trace_steps
+        self.bg = BackgroundLink(self.cost)
+        self.t = 0.0
+
+    def run(self, progress: Callable[[int], None] | None = None) -> PolicyRecords:
+        cfg, routing, cost, rec = self.cfg, self.routing, self.cost, self.rec
+        L, B, P = cfg.model.num_layers, cfg.workload.batch_size, cfg.workload.prompt_tokens
+        for key in self.pf.preload():
+            self.bg.arrived[key] = 0.0
+        # Prefill: all prompt tokens of the batch in one step per layer.
+        n_pre = B * P
+        for i in range(cfg.model.num_dense_layers):
+            self._gpu("dense", "prefill", 0, i, cost.gpu_dense_layer_s(n_pre, P, B))
+        for layer in range(L):
+            self._gpu("attention", "prefill", 0, layer, cost.gpu_layer_s(n_pre, P, B))
+            self._moe("prefill", 0, layer, group_by_expert(routing.prefill_ids(layer)))
+        self._gpu("head", "prefill", 0, -1, cost.gpu_head_s(B))
+        rec.tokens.append(TokenRecord(self.name, 0, self.t, self.t))
+        self.executor.token_done(0, self.t)
+        self.bg.push(self.pf.after_prefill(routing.prefill_counts(cfg.model.num_experts)), self.t)
+        if progress:
+            progress(1)
+        # Decode: one step per further output token.
+        for s in range(routing.decode_steps):
+            step, ctx = s + 1, P + s + 1
+            for i in range(cfg.model.num_dense_layers):
+                self._gpu("dense", "decode", step, i, cost.gpu_dense_layer_s(B, ctx, B))
+            for layer in range(L):
+                self._gpu("attention", "decode", step, layer, cost.gpu_layer_s(B, ctx, B))
+                self._moe("decode", step, layer, group_by_expert(routing.decode_ids(s, layer)))
+            self._gpu("head", "decode", step, -1, cost.gpu_head_s(B))
+            rec.tokens.append(TokenRecord(self.name, step, self.t, self.t - rec.tokens[-1].time_s))
+            self.executor.token_done(step, self.t)
+            if progress:
+                progress(1)
+        rec.prefetch_bytes = self.bg.bytes_moved
+        rec.prefetched_experts = self.bg.experts_moved
+        return rec
+
+    def _gpu(self, kind: str, phase: str, step: int, layer: int, seconds: float) -> None:
+        if step in self.trace_steps:
+            label = {"attention": f"L{layer} attention+router", "dense": f"dense layer {layer}",
+                     "head": "lm head"}[kind]
+            self.rec.intervals.append(policies.plan.Interval("gpu", "layer", self.t, self.t + seconds, label))
+        self.executor.gpu_work(kind, phase, step, layer, self.t, seconds)
+        self.t += seconds
+        self.rec.gpu_other_busy_s += seconds
+
+    def _moe(self, phase: str, step: int, layer: int, routed: Mapping[int, tuple[int, ...]]) -> None:
+        cfg, cost, bg, pf, rec = self.cfg, self.cost, self.bg, self.pf, self.rec
+        N = cfg.ndp.num_ndp_units
+        t = self.t
+        bg.advance(t)
+        resident = frozenset(e for e in pf.cache.layer(layer) if bg.arrived.get((layer, e), np.inf) <= t)
+        inp = policies.StepInput(layer, phase, routed, resident)
+        plan = self.sched.plan(inp)
+        traced = step in self.trace_steps
+        timing = policies.time_plan(plan, cost, N, record=traced)
+        start, end = t, t + timing.makespan_s
+        self.executor.moe(phase, step, layer, plan, timing, start)
+        if traced:
+            for iv in timing.intervals:
+                iv.start_s += start
+                iv.end_s += start
+            rec.intervals.extend(timing.intervals)
+        bg.advance(end, [(start + a, start + b) for a, b in timing.link_segments])
+        gpu_tasks = sum(1 for tk in plan.tasks if tk.device == policies.GPU)
+        rec.steps.append(StepRecord(
+            self.name, phase, step, layer, start, end, len(routed),
+            sum(1 for e in routed if e in resident), len(plan.fetches), gpu_tasks,
+            timing.gpu_busy_s, timing.unit_busy_s, timing.link_bytes["activation"],
+            timing.link_bytes["partial"], timing.link_bytes["fetch"],
+            policies.lower_bound_s(plan, cost, N)))
+        self.t = end
+        self.sched.observe(inp)
+        if phase == "decode":
+            fetched = [f.expert for f in plan.fetches if f.col_start == 0 and f.col_end == cfg.model.d_ff]
+            more = pf.after_step(layer, step - 1, {e: len(v) for e, v in routed.items()}, fetched)
+            for e in fetched:  # fetched on demand and admitted: already on the GPU
+                if (layer, e) in pf.cache:
+                    bg.arrived.setdefault((layer, e), end)
+            _drop_evicted(bg, pf)
+            if more:
+                bg.push(more, end)
+
+
 def run_policy(cfg: Config, routing: Routing, name: str,
                progress: Callable[[int], None] | None = None,
                trace_steps: range = range(1, 3)) -> PolicyRecords:
@@ -89,85 +210,7 @@ def run_policy(cfg: Config, routing: Routing, name: str,
     Steps whose index is in ``trace_steps`` (0 = prefill, 1.. = decode) keep busy intervals
     of every resource for the Chrome trace.
     """
-    choice = policies.resolve(name)
-    cost = CostModel(cfg)
-    sched = policies.get("scheduler", choice.scheduler)(cfg, cost)
-    pf = make_prefetcher(cfg, choice.prefetcher, routing)
-    rec = PolicyRecords(name, choice.scheduler, choice.prefetcher)
-    N, L, B, P = cfg.ndp.num_ndp_units, cfg.model.num_layers, cfg.workload.batch_size, cfg.workload.prompt_tokens
-    bg = BackgroundLink(cost)
-    for key in pf.preload():
-        bg.arrived[key] = 0.0
-    t = 0.0
-
-    def moe_step(phase: str, step: int, layer: int, routed: Mapping[int, tuple[int, ...]]) -> None:
-        nonlocal t
-        bg.advance(t)
-        resident = frozenset(e for e in pf.cache.layer(layer) if bg.arrived.get((layer, e), np.inf) <= t)
-        inp = policies.StepInput(layer, phase, routed, resident)
-        plan = sched.plan(inp)
-        traced = step in trace_steps
-        timing = policies.time_plan(plan, cost, N, record=traced)
-        start, end = t, t + timing.makespan_s
-        if traced:
-            for iv in timing.intervals:
-                iv.start_s += start
-                iv.end_s += start
-            rec.intervals.extend(timing.intervals)
-        bg.advance(end, [(start + a, start + b) for a, b in timing.link_segments])
-        gpu_tasks = [tk for tk in plan.tasks if tk.device == policies.GPU]
-        rec.steps.append(StepRecord(
-            name, phase, step, layer, start, end, len(routed),
-            sum(1 for e in routed if e in resident), len(plan.fetches), len(gpu_tasks),
-            timing.gpu_busy_s, timing.unit_busy_s, timing.link_bytes["activation"],
-            timing.link_bytes["partial"], timing.link_bytes["fetch"],
-            policies.lower_bound_s(plan, cost, N)))
-        t = end
-        sched.observe(inp)
-        if phase == "decode":
-            fetched = [f.expert for f in plan.fetches if f.col_start == 0 and f.col_end == cfg.model.d_ff]
-            more = pf.after_step(layer, step - 1, {e: len(v) for e, v in routed.items()}, fetched)
-            for e in fetched:  # fetched on demand and admitted: already on the GPU
-                if (layer, e) in pf.cache:
-                    bg.arrived.setdefault((layer, e), t)
-            _drop_evicted(bg, pf)
-            if more:
-                bg.push(more, t)
-
-    def gpu(seconds: float, step: int, label: str) -> None:
-        nonlocal t
-        if step in trace_steps:
-            rec.intervals.append(policies.plan.Interval("gpu", "layer", t, t + seconds, label))
-        t += seconds
-        rec.gpu_other_busy_s += seconds
-
-    # Prefill: all prompt tokens of the batch in one step per layer.
-    n_pre = B * P
-    for _ in range(cfg.model.num_dense_layers):
-        gpu(cost.gpu_dense_layer_s(n_pre, P, B), 0, "dense layer")
-    for layer in range(L):
-        gpu(cost.gpu_layer_s(n_pre, P, B), 0, f"L{layer} attention+router")
-        moe_step("prefill", 0, layer, group_by_expert(routing.prefill_ids(layer)))
-    gpu(cost.gpu_head_s(B), 0, "lm head")
-    rec.tokens.append(TokenRecord(name, 0, t, t))
-    bg.push(pf.after_prefill(routing.prefill_counts(cfg.model.num_experts)), t)
-    if progress:
-        progress(1)
-    # Decode: one step per further output token.
-    for s in range(routing.decode_steps):
-        ctx = P + s + 1
-        for _ in range(cfg.model.num_dense_layers):
-            gpu(cost.gpu_dense_layer_s(B, ctx, B), s + 1, "dense layer")
-        for layer in range(L):
-            gpu(cost.gpu_layer_s(B, ctx, B), s + 1, f"L{layer} attention+router")
-            moe_step("decode", s + 1, layer, group_by_expert(routing.decode_ids(s, layer)))
-        gpu(cost.gpu_head_s(B), s + 1, "lm head")
-        rec.tokens.append(TokenRecord(name, s + 1, t, t - rec.tokens[-1].time_s))
-        if progress:
-            progress(1)
-    rec.prefetch_bytes = bg.bytes_moved
-    rec.prefetched_experts = bg.experts_moved
-    return rec
+    return Episode(cfg, routing, name, trace_steps=trace_steps).run(progress)
 
 
 def _drop_evicted(bg: BackgroundLink, pf: Prefetcher) -> None:
