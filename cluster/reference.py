@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from actors import kernels as K
-from cluster.errors import ConfigError, RoutingError
+from cluster.errors import RoutingError
 from cluster.routing import Routing, popularity
 from cluster.spec import Config, ModelSpec
 
@@ -179,10 +179,7 @@ def gate_routing(cfg: Config, rng: np.random.Generator) -> Routing:
     m, w = cfg.model, cfg.workload
     B, S = w.batch_size, w.prompt_tokens + w.output_tokens - 1
     scale = min(1.0, GATE_D_MODEL / m.d_model)
-    try:
-        sm = scaled_model(cfg, scale)
-    except ConfigError as exc:  # pragma: no cover - scale is in (0, 1] by construction
-        raise RoutingError(f"gate routing cannot scale model {m.name!r}: {exc}") from exc
+    sm = scaled_model(cfg, scale)
     bias = (w.gate_bias * np.log(popularity(m, w.alpha, w.seed))).astype(np.float32)  # [L, E]
     routers = [K.router_weights(sm.seed, lay, sm.d_model_s, m.num_experts)
                for lay in range(m.num_layers)]

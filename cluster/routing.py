@@ -173,6 +173,12 @@ def load_trace(path: str | Path, model: ModelSpec, work: WorkloadSpec) -> Routin
     if ids.min() < 0 or ids.max() >= model.num_experts:
         raise RoutingError(f"routing trace {str(p)!r} has expert ids in {ids.min()}..{ids.max()} "
                            f"but model.num_experts = {model.num_experts}")
+    srt = np.sort(ids, axis=-1)
+    if k > 1 and (srt[..., 1:] == srt[..., :-1]).any():
+        b, pos, lay, _ = np.argwhere(srt[..., 1:] == srt[..., :-1])[0]
+        raise RoutingError(f"routing trace {str(p)!r} lists one expert twice for a token "
+                           f"(sequence {b}, position {pos}, layer {lay}: {ids[b, pos, lay].tolist()}); "
+                           "each token's top-k experts must be distinct")
     if weights is None:
         weights = np.full(ids.shape, 1.0 / k, dtype=np.float32)
     weights = np.asarray(weights, dtype=np.float32)

@@ -109,6 +109,11 @@ class StepTiming:
     link_busy_s: float
     link_segments: list[tuple[float, float]] = field(default_factory=list)
     intervals: list[Interval] = field(default_factory=list)
+    unit_arrival_s: dict[int, float] = field(default_factory=dict)  # activations arrive
+    unit_done_s: dict[int, float] = field(default_factory=dict)  # partial ready on the unit
+    partial_arrival_s: dict[int, float] = field(default_factory=dict)  # partial at the GPU
+    fetch_done_s: dict[int, float] = field(default_factory=dict)  # expert weights at the GPU
+    gpu_ready_s: float = 0.0  # everything in: the combine starts
 
 
 def _fill_gaps(busy: list[tuple[float, float]], start: float, durations: list[float]
@@ -163,6 +168,8 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False)
     link_t = 0.0
     busy: list[tuple[float, float]] = []
     releases: list[tuple[float, int, int]] = []  # (unit done, unit, n_tokens)
+    arrival: dict[int, float] = {}
+    partial_at: dict[int, float] = {}
     for u in range(num_units):
         if not toks[u]:
             continue
@@ -170,6 +177,7 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False)
         link_bytes["activation"] += nbytes
         start, link_t = link_t, link_t + cost.transfer_s(nbytes)
         busy.append((start, link_t))
+        arrival[u] = link_t
         releases.append((link_t + work[u], u, toks[u]))
         if record:
             intervals.append(Interval("link", "activation", start, link_t, f"act->ndp{u}"))
@@ -190,6 +198,7 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False)
         link_t = start + cost.transfer_s(nbytes)
         busy.append((start, link_t))
         partial_end = link_t
+        partial_at[u] = link_t
         if record:
             intervals.append(Interval("link", "partial", start, link_t, f"ndp{u}->gpu"))
 
@@ -229,7 +238,8 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False)
     segments.sort()
     link_busy = sum(b - a for a, b in segments)
     return StepTiming(ready + combine, work, gpu_busy + combine, link_bytes, link_busy,
-                      segments, intervals)
+                      segments, intervals, arrival, {u: d for d, u, _ in releases}, partial_at,
+                      fetch_done, ready)
 
 
 def _unit_loads(unit_tasks: list[list[Task]], groups: dict[tuple[int, int], list[Task]],

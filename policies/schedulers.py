@@ -126,7 +126,8 @@ class TensorParallelLoadBalanced(TensorParallel):
                     hi = mid
             best = min({0, max(0, lo - 1), lo, min(limit, lo + 1)}, key=lambda m: (at(m), m))
         plan = self._build(step, cached_tasks, order, best)
-        if self.cfg.policy.lb_split == "fractional" and best < len(order):
+        if (self.cfg.policy.lb_split == "fractional" and best < len(order)
+                and len(plan.fetches) < self.max_fetch):
             plan = self._fractional(step, plan, memo[best], order[best])
         return plan
 
