@@ -20,7 +20,8 @@ Requests (``task`` messages, field ``kind``):
   ``parts`` = ``[[unit, n_rows, arrival_s], ...]``; arrays: ``rows``, ``gates`` of the GPU's
   tasks, then per partial its array and its rows (int32, into the step's tokens).
 - GPU ``end``: store the step's final hidden states. GPU ``collect``: reply with all outputs.
-- both: ``reset`` (a new policy starts at emulated 0).
+- both: ``reset`` (a new policy starts at emulated 0); NDP ``warm``: array ``[n, 4]`` int32
+  of ``(layer, expert, col_lo, col_hi)`` slices to generate before the run.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class NdpUnit:
             self.free_s = 0.0
             return _reply(f["task_id"], {"unit": self.unit})
         if kind == "warm":
-            held = self.warm([tuple(x) for x in f["layouts"]])
+            held = self.warm([tuple(x) for x in msg.arrays[0].tolist()])
             return _reply(f["task_id"], {"unit": self.unit, "bytes": held})
         if kind != "moe":
             raise ProtocolError(f"NDP unit {self.unit} got an unknown task kind {kind!r}")

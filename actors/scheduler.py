@@ -271,7 +271,8 @@ class SchedulerCore:
     def warm(self, layouts: dict[int, list[tuple[int, int, int, int]]]) -> dict[int, int]:
         """Has each unit generate its weight slices before any timed work."""
         ex = EmulationExecutor(self.cfg, self.routing, self.tr, clock=None, timeout_s=max(self.timeout_s, 600))
-        waiting = {ex._send(unit_peer(u), {"kind": "warm", "layouts": [list(x) for x in lay]}): unit_peer(u)
+        waiting = {ex._send(unit_peer(u), {"kind": "warm"},
+                            [np.asarray(lay, dtype=np.int32).reshape(-1, 4)]): unit_peer(u)
                    for u, lay in layouts.items()}
         got = ex._gather(waiting, "weight generation")
         return {int(m.fields["unit"]): int(m.fields["bytes"]) for m in got.values()}

@@ -1,0 +1,207 @@
+"""The one Ray seam: start (or attach to) Ray, place the actors, exchange zmq endpoints.
+
+Control plane only: Ray creates the scheduler, GPU and NDP-unit actors, passes the config and
+the routing once, hands each device the scheduler's zmq endpoint, and carries results back at
+the end of each policy. Per-step traffic never goes through Ray (a Ray call costs ~1 ms); it
+goes over zmq (:mod:`actors.transport`). Actor bodies are the plain classes of
+:mod:`actors.devices` and :mod:`actors.scheduler`; ``ray.remote`` appears only here.
+
+Local runs (no ``address``) start an embedded Ray with the dashboard off, bind loopback only,
+and shut Ray down again when the cluster is closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cluster.errors import EmulationError, NdpmoeError
+from cluster.routing import Routing
+from cluster.spec import Config
+
+# One BLAS thread per actor (DESIGN.md section 5): several actors share two cores.
+ACTOR_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+class _DeviceActor:
+    """Ray body of a GPU or NDP-unit actor: a device served on a zmq DEALER in a thread."""
+
+    def __init__(self, cfg: Config, kind: str, unit: int, scale: float, endpoint: str) -> None:
+        from actors.devices import DeviceServer, GpuDevice, NdpUnit
+        from actors.transport import ZmqDealer
+
+        self.kind, self.unit = kind, unit
+        device = GpuDevice(cfg, scale) if kind == "gpu" else NdpUnit(cfg, unit, scale)
+        identity = b"gpu" if kind == "gpu" else f"ndp{unit}".encode()
+        self.transport = ZmqDealer(identity, router_id=b"sched")
+        self.transport.connect(endpoint)
+        self.server = DeviceServer(device, self.transport)
+        self.server.start()
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        return {"kind": self.kind, "unit": self.unit, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "handled": self.server.handled, "rejected": self.server.rejected}
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.transport.close()
+
+
+class _SchedulerActor:
+    """Ray body of the scheduler: binds the zmq ROUTER and runs policies on request."""
+
+    def __init__(self, cfg: Config, routing: Routing, host: str, local: bool) -> None:
+        from actors.scheduler import SchedulerCore
+        from actors.transport import ZmqRouter
+
+        self.transport = ZmqRouter()
+        self.endpoint_ = self.transport.bind(host, 0, local=local)
+        self.core = SchedulerCore(cfg, routing, self.transport)
+        self.done_tokens = 0
+
+    def endpoint(self) -> str:
+        return self.endpoint_
+
+    def wait_ready(self, peers: list[bytes], timeout_s: float) -> dict[str, float]:
+        """Pings every device until it answers (a DEALER connects asynchronously)."""
+        from actors.clock import wall_now
+
+        deadline = wall_now() + timeout_s
+        rtt: dict[str, float] = {}
+        for peer in peers:
+            while True:
+                try:
+                    rtt[peer.decode()] = float(np.median(self.core.ping(peer, 5)))
+                    break
+                except EmulationError:
+                    if wall_now() > deadline:
+                        raise
+                    time.sleep(0.01)
+        return rtt
+
+    def ping(self, peer: bytes, n: int) -> list[float]:
+        return self.core.ping(peer, n)
+
+    def warm(self, layouts: dict[int, list[tuple[int, int, int, int]]]) -> dict[int, int]:
+        return self.core.warm(layouts)
+
+    def progress(self) -> int:
+        return self.done_tokens
+
+    def run_policy(self, name: str, dilation: float, calibrate: bool = False,
+                   max_decode_steps: int | None = None):
+        self.done_tokens = 0
+
+        def tick(k: int) -> None:
+            self.done_tokens += k
+
+        return self.core.run_policy(name, dilation, calibrate=calibrate,
+                                    max_decode_steps=max_decode_steps, progress=tick)
+
+    def collect(self) -> np.ndarray:
+        return self.core.collect()
+
+    def shutdown(self) -> None:
+        self.core.shutdown()
+        self.transport.close()
+
+
+@dataclass
+class EmuCluster:
+    """Handles on a running emulation cluster."""
+
+    scheduler: Any
+    gpu: Any
+    units: list[Any]
+    started_ray: bool
+    startup_s: float
+    rtt_s: dict[str, float] = field(default_factory=dict)
+
+    def node_ids(self) -> dict[str, str]:
+        import ray
+
+        infos = ray.get([a.info.remote() for a in [self.gpu, *self.units]])
+        return {("gpu" if i["kind"] == "gpu" else f"ndp{i['unit']}"): i["node_id"] for i in infos}
+
+    def close(self) -> None:
+        import ray
+
+        try:
+            ray.get(self.scheduler.shutdown.remote(), timeout=10)
+            ray.get([a.stop.remote() for a in [self.gpu, *self.units]], timeout=10)
+        except Exception:  # best effort: the actors are killed next anyway
+            pass
+        for a in [self.scheduler, self.gpu, *self.units]:
+            with contextlib.suppress(Exception):
+                ray.kill(a, no_restart=True)
+        if self.started_ray:
+            ray.shutdown()
+
+
+def get(refs: Any, timeout: float | None = None) -> Any:
+    """``ray.get`` with Ray's wrapping undone: an actor's own error comes back as itself,
+    anything else as :class:`EmulationError` naming the cause (no remote traceback)."""
+    import ray
+
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+        if isinstance(cause, NdpmoeError):
+            raise type(cause)(str(cause)) from None
+        raise EmulationError(f"an actor failed: {type(cause).__name__}: {cause}") from None
+    except ray.exceptions.RayError as exc:
+        raise EmulationError(f"the emulation cluster failed: {type(exc).__name__}: {exc}") from None
+
+
+def init_ray(address: str | None) -> bool:
+    """Starts a local Ray (or attaches to ``address``). Returns whether this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    try:
+        if address:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+    except Exception as exc:  # Ray raises several unrelated types here
+        raise EmulationError(f"could not start or attach to Ray ({address or 'local'}): {exc}") from exc
+    return True
+
+
+def start(cfg: Config, routing: Routing, scale: float, address: str | None = None,
+          ready_timeout_s: float = 60.0) -> EmuCluster:
+    """Creates the scheduler, the GPU and one actor per NDP unit and connects them over zmq."""
+    import ray
+
+    started = init_ray(address)
+    t0 = time.monotonic()
+    local = address is None
+    host = "127.0.0.1" if local else ray.util.get_node_ip_address()
+    opts = {"num_cpus": 0, "runtime_env": {"env_vars": ACTOR_ENV}}
+    try:
+        sched = ray.remote(_SchedulerActor).options(max_concurrency=2, **opts).remote(
+            cfg, routing, host, local)
+        endpoint = ray.get(sched.endpoint.remote())
+        gpu = ray.remote(_DeviceActor).options(**opts).remote(cfg, "gpu", -1, scale, endpoint)
+        units = [ray.remote(_DeviceActor).options(**opts).remote(cfg, "ndp", u, scale, endpoint)
+                 for u in range(cfg.ndp.num_ndp_units)]
+        peers = [b"gpu", *(f"ndp{u}".encode() for u in range(cfg.ndp.num_ndp_units))]
+        rtt = ray.get(sched.wait_ready.remote(peers, ready_timeout_s))
+    except Exception as exc:
+        if started:
+            ray.shutdown()
+        if isinstance(exc, EmulationError):
+            raise
+        raise EmulationError(f"could not start the emulation cluster: {exc}") from exc
+    return EmuCluster(sched, gpu, units, started, time.monotonic() - t0, rtt)

@@ -1,0 +1,35 @@
+"""Shared tiny fixtures: a small, fast configuration and the real routing recording."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cluster.config import load_config
+from cluster.spec import Config
+
+_ROOT = Path(__file__).resolve().parents[1]
+_TRACE_NAME = Path("shared") / "data" / "flame-moe-290m-routing.npz"
+# ../shared next to the checkout (DESIGN.md), or shared/ inside it where a copy carries one
+TRACE_PATH = next((p for p in (_ROOT.parent / _TRACE_NAME, _ROOT / _TRACE_NAME) if p.exists()),
+                  _ROOT.parent / _TRACE_NAME)
+TINY = ("workload.prompt_tokens=16", "workload.output_tokens=8")
+
+
+@pytest.fixture
+def tiny() -> Callable[..., Config]:
+    """``tiny("link.bw_gbps=32", model=...)``: OLMoE on the paper system, 16 in / 8 out."""
+
+    def make(*overrides: str, model: str = "olmoe-1b-7b", system: str | None = None) -> Config:
+        return load_config(system=system, model=model, overrides=[*TINY, *overrides])
+
+    return make
+
+
+@pytest.fixture
+def trace_path() -> Path:
+    if not TRACE_PATH.exists():
+        pytest.fail(f"routing recording missing at {TRACE_PATH}")
+    return TRACE_PATH
