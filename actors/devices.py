@@ -242,9 +242,9 @@ class DeviceServer:
                 if msg.type != "task":
                     raise ProtocolError(f"unexpected message type {msg.type!r}")
                 reply = self.device.handle(msg)
-            except (ProtocolError, KeyError, ValueError, TypeError, IndexError) as exc:
+            except Exception as exc:  # any bad request is answered and counted; the unit serves on
                 self.rejected += 1
-                reply = wire.encode("error", {"message": f"{type(exc).__name__}: {exc}"})
+                reply = wire.encode("error", {"message": f"{type(exc).__name__}: {exc}"[:2000]})
             self.handled += 1
             try:
                 self.transport.send(peer, reply)

@@ -24,8 +24,16 @@ from cluster.errors import EmulationError, NdpmoeError
 from cluster.routing import Routing
 from cluster.spec import Config
 
-# One BLAS thread per actor (DESIGN.md section 5): several actors share two cores.
-ACTOR_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+def _one_blas_thread() -> Any:
+    """One BLAS thread per actor (DESIGN.md section 5): several actors share the cores.
+
+    Set at run time with threadpoolctl rather than through a Ray ``runtime_env`` (which
+    costs ~1.5 s of actor start-up here); the returned handle keeps the limit in force.
+    """
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1)
 
 
 class _DeviceActor:
@@ -35,6 +43,7 @@ class _DeviceActor:
         from actors.devices import DeviceServer, GpuDevice, NdpUnit
         from actors.transport import ZmqDealer
 
+        self._blas = _one_blas_thread()
         self.kind, self.unit = kind, unit
         device = GpuDevice(cfg, scale) if kind == "gpu" else NdpUnit(cfg, unit, scale)
         identity = b"gpu" if kind == "gpu" else f"ndp{unit}".encode()
@@ -62,6 +71,7 @@ class _SchedulerActor:
         from actors.scheduler import SchedulerCore
         from actors.transport import ZmqRouter
 
+        self._blas = _one_blas_thread()
         self.transport = ZmqRouter()
         self.endpoint_ = self.transport.bind(host, 0, local=local)
         self.core = SchedulerCore(cfg, routing, self.transport)
@@ -188,7 +198,7 @@ def start(cfg: Config, routing: Routing, scale: float, address: str | None = Non
     t0 = time.monotonic()
     local = address is None
     host = "127.0.0.1" if local else ray.util.get_node_ip_address()
-    opts = {"num_cpus": 0, "runtime_env": {"env_vars": ACTOR_ENV}}
+    opts = {"num_cpus": 0}
     try:
         sched = ray.remote(_SchedulerActor).options(max_concurrency=2, **opts).remote(
             cfg, routing, host, local)
