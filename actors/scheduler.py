@@ -70,40 +70,27 @@ class EmulationStats:
                 "wall_s": self.wall_s}
 
 
-class EmulationExecutor(Executor):
-    """Runs an episode's work on the devices over ``transport`` and paces it on ``clock``.
+class Dispatcher:
+    """The scheduler's messaging: task ids, sends, and gathering replies within a deadline."""
 
-    ``calibrate``: no sleeping; record how long each segment's real work takes relative to
-    its modelled duration (the dilation calibration).
-    """
-
-    def __init__(self, cfg: Config, routing: Routing, transport: Transport, clock: Clock,
-                 timeout_s: float, calibrate: bool = False, tolerance_s: float = 0.0) -> None:
-        self.cfg, self.routing, self.tr, self.clock = cfg, routing, transport, clock
-        self.timeout_s = timeout_s
-        self.calibrate = calibrate
-        self.tolerance_s = tolerance_s
-        self.stats = EmulationStats()
+    def __init__(self, transport: Transport, timeout_s: float) -> None:
+        self.tr, self.timeout_s = transport, timeout_s
         self.ids = itertools.count(1)
-        self.xn: np.ndarray | None = None
-        self.current: tuple[str, int] | None = None
-        self.last_mark: tuple[float, float] = (wall_now(), 0.0)  # (wall, emulated) at last pace
-        self.n_units = cfg.ndp.num_ndp_units
+        self.sent = 0
 
-    # --- messaging ------------------------------------------------------------------------
-    def _send(self, peer: bytes, fields: dict[str, Any], arrays: list[np.ndarray] = ()) -> int:
+    def send(self, peer: bytes, fields: dict[str, Any], arrays: list[np.ndarray] = ()) -> int:
         tid = next(self.ids)
         self.tr.send(peer, wire.encode("task", {"task_id": tid, **fields}, list(arrays)))
-        self.stats.messages += 1
+        self.sent += 1
         return tid
 
-    def _gather(self, waiting: dict[int, bytes], what: str) -> dict[bytes, wire.Message]:
+    def gather(self, waiting: dict[int, bytes], what: str) -> dict[bytes, wire.Message]:
         """Replies to every task in ``waiting`` (task id -> peer), within the deadline."""
         out: dict[bytes, wire.Message] = {}
         deadline = wall_now() + self.timeout_s
         while waiting:
             left = deadline - wall_now()
-            got = self.tr.recv(max(0.0, left)) if left > 0 else None
+            got = self.tr.recv(left) if left > 0 else None
             if got is None:
                 names = ", ".join(sorted(p.decode() for p in waiting.values()))
                 raise EmulationError(f"no reply from {names} within {self.timeout_s:g} s while "
@@ -120,8 +107,57 @@ class EmulationExecutor(Executor):
 
     def call(self, peer: bytes, fields: dict[str, Any], arrays: list[np.ndarray] = (),
              what: str = "") -> wire.Message:
-        tid = self._send(peer, fields, arrays)
-        return self._gather({tid: peer}, what or fields.get("kind", "?"))[peer]
+        tid = self.send(peer, fields, arrays)
+        return self.gather({tid: peer}, what or fields.get("kind", "?"))[peer]
+
+    def ping(self, peer: bytes, n: int = 20) -> list[float]:
+        """Round trips to ``peer`` in wall seconds (calibration and health)."""
+        out = []
+        for i in range(n):
+            t0 = wall_now()
+            self.tr.send(peer, wire.encode("ping", {"seq": i}))
+            deadline = t0 + self.timeout_s
+            while True:
+                left = deadline - wall_now()
+                got = self.tr.recv(left) if left > 0 else None
+                if got is None:
+                    raise EmulationError(f"{peer.decode()} did not answer a ping within {self.timeout_s:g} s")
+                msg = wire.decode(got[1])
+                if msg.type == "pong" and msg.fields["seq"] == i:
+                    break
+            out.append(wall_now() - t0)
+        return out
+
+
+class EmulationExecutor(Executor):
+    """Runs an episode's work on the devices over ``transport`` and paces it on ``clock``.
+
+    ``calibrate``: no sleeping; record how long each segment's real work takes relative to
+    its modelled duration (the dilation calibration).
+    """
+
+    def __init__(self, cfg: Config, routing: Routing, transport: Transport, clock: Clock,
+                 timeout_s: float, calibrate: bool = False, tolerance_s: float = 0.0,
+                 net: Dispatcher | None = None) -> None:
+        self.cfg, self.routing, self.tr, self.clock = cfg, routing, transport, clock
+        self.timeout_s = timeout_s
+        self.calibrate = calibrate
+        self.tolerance_s = tolerance_s
+        self.stats = EmulationStats()
+        self.net = net or Dispatcher(transport, timeout_s)
+        self.xn: np.ndarray | None = None
+        self.current: tuple[str, int] | None = None
+        self.last_mark: tuple[float, float] = (wall_now(), 0.0)  # (wall, emulated) at last pace
+        self.n_units = cfg.ndp.num_ndp_units
+
+    def _send(self, peer: bytes, fields: dict[str, Any], arrays: list[np.ndarray] = ()) -> int:
+        self.stats.messages += 1
+        return self.net.send(peer, fields, arrays)
+
+    def call(self, peer: bytes, fields: dict[str, Any], arrays: list[np.ndarray] = (),
+             what: str = "") -> wire.Message:
+        self.stats.messages += 1
+        return self.net.call(peer, fields, arrays, what)
 
     # --- pacing ---------------------------------------------------------------------------
     def _pace(self, target_s: float) -> None:
@@ -209,7 +245,7 @@ class EmulationExecutor(Executor):
                 "meta": meta}, [np.ascontiguousarray(xn[toks]), np.concatenate(rows),
                                 np.concatenate(gates).astype(np.float32)])
             waiting[tid] = unit_peer(u)
-        results = self._gather(waiting, f"layer {layer} expert shards") if waiting else {}
+        results = self.net.gather(waiting, f"layer {layer} expert shards") if waiting else {}
         # 2. the GPU: its own tasks (ready when cached or fetched) and every partial
         meta, rows, gates = [], [], []
         for t in gpu_tasks:
@@ -243,38 +279,31 @@ class SchedulerCore:
     def __init__(self, cfg: Config, routing: Routing, transport: Transport) -> None:
         self.cfg, self.routing, self.tr = cfg, routing, transport
         self.timeout_s = cfg.emulate.recv_timeout_s
+        self.net = Dispatcher(transport, self.timeout_s)
 
     def ping(self, peer: bytes, n: int = 20) -> list[float]:
-        """Round trips to ``peer`` in wall seconds (calibration and health)."""
-        out = []
-        for i in range(n):
-            t0 = wall_now()
-            self.tr.send(peer, wire.encode("ping", {"seq": i}))
-            deadline = t0 + self.timeout_s
-            while True:
-                got = self.tr.recv(max(0.0, deadline - wall_now()))
-                if got is None:
-                    raise EmulationError(f"{peer.decode()} did not answer a ping within {self.timeout_s:g} s")
-                msg = wire.decode(got[1])
-                if msg.type == "pong" and msg.fields["seq"] == i:
-                    break
-            out.append(wall_now() - t0)
-        return out
+        return self.net.ping(peer, n)
+
+    def _all(self, fields: dict[str, Any], what: str, units_only: bool = False,
+             arrays: dict[int, list[np.ndarray]] | None = None) -> dict[bytes, wire.Message]:
+        peers = {} if units_only else {GPU_PEER: -1}
+        peers.update({unit_peer(u): u for u in range(self.cfg.ndp.num_ndp_units)})
+        if arrays is not None:
+            peers = {p: u for p, u in peers.items() if u in arrays}
+        waiting = {self.net.send(p, fields, (arrays or {}).get(u, [])): p for p, u in peers.items()}
+        return self.net.gather(waiting, what)
 
     def reset(self) -> None:
-        ex = EmulationExecutor(self.cfg, self.routing, self.tr, clock=None, timeout_s=self.timeout_s)
-        waiting = {ex._send(GPU_PEER, {"kind": "reset"}): GPU_PEER}
-        for u in range(self.cfg.ndp.num_ndp_units):
-            waiting[ex._send(unit_peer(u), {"kind": "reset"})] = unit_peer(u)
-        ex._gather(waiting, "reset")
+        self._all({"kind": "reset"}, "reset")
 
     def warm(self, layouts: dict[int, list[tuple[int, int, int, int]]]) -> dict[int, int]:
         """Has each unit generate its weight slices before any timed work."""
-        ex = EmulationExecutor(self.cfg, self.routing, self.tr, clock=None, timeout_s=max(self.timeout_s, 600))
-        waiting = {ex._send(unit_peer(u), {"kind": "warm"},
-                            [np.asarray(lay, dtype=np.int32).reshape(-1, 4)]): unit_peer(u)
-                   for u, lay in layouts.items()}
-        got = ex._gather(waiting, "weight generation")
+        arrays = {u: [np.asarray(lay, dtype=np.int32).reshape(-1, 4)] for u, lay in layouts.items()}
+        saved, self.net.timeout_s = self.net.timeout_s, max(self.timeout_s, 600.0)
+        try:
+            got = self._all({"kind": "warm"}, "weight generation", units_only=True, arrays=arrays)
+        finally:
+            self.net.timeout_s = saved
         return {int(m.fields["unit"]): int(m.fields["bytes"]) for m in got.values()}
 
     def run_policy(self, name: str, dilation: float = 1.0, clock: Clock | None = None,
@@ -293,7 +322,8 @@ class SchedulerCore:
             keep = routing.prompt_tokens + max_decode_steps
             routing = Routing(routing.topk_ids[:, :keep], routing.topk_weights[:, :keep],
                               routing.prompt_tokens, routing.source)
-        ex = EmulationExecutor(self.cfg, routing, self.tr, clock, self.timeout_s, calibrate=calibrate)
+        ex = EmulationExecutor(self.cfg, routing, self.tr, clock, self.timeout_s, calibrate=calibrate,
+                               net=self.net)
         episode = Episode(self.cfg, routing, name, executor=ex, trace_steps=trace_steps)
         w0 = wall_now()
         ex.last_mark = (w0, 0.0)
@@ -305,8 +335,7 @@ class SchedulerCore:
         return rec, ex.stats
 
     def collect(self) -> np.ndarray:
-        ex = EmulationExecutor(self.cfg, self.routing, self.tr, clock=None, timeout_s=self.timeout_s)
-        return np.array(ex.call(GPU_PEER, {"kind": "collect"}).arrays[0])
+        return np.array(self.net.call(GPU_PEER, {"kind": "collect"}).arrays[0])
 
     def shutdown(self) -> None:
         for peer in [GPU_PEER, *(unit_peer(u) for u in range(self.cfg.ndp.num_ndp_units))]:

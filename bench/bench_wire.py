@@ -9,9 +9,11 @@ A client process (this one) talks to echo servers in spawned processes over tcp 
 - ``raw-msgpack``  the protocol's floor without the project's code: a msgpack header and a raw
                    frame, ``copy=False``, ``unpackb`` + ``np.frombuffer`` on both ends, no
                    validation;
-- ``ndpmoe``       the project's path: ``wire.encode`` a task header + array frame,
-                   ``ZmqDealer.send``, ``ZmqRouter.recv``, ``wire.decode``, ``wire.encode`` a
-                   result carrying the received array, back, ``wire.decode``.
+- ``ndpmoe``       the project's dispatch path, in its real topology: the scheduler's
+                   :class:`actors.scheduler.Dispatcher` on a bound ``ZmqRouter`` calls a device
+                   actor's :class:`actors.devices.DeviceServer` loop on a ``ZmqDealer`` (an echo
+                   device): ``wire.encode`` task + array frame, send, recv, ``wire.decode``,
+                   handle, ``wire.encode`` the result with the array, back, ``wire.decode``;
 
 Modes alternate iteration by iteration, so that noise from a shared machine hits all alike.
 Payloads are 4 KiB and 1 MiB of float32. Target: ``ndpmoe`` median <= 1.5x the faster raw one.
@@ -38,8 +40,10 @@ from rich.console import Console
 from rich.table import Table
 
 from actors.clock import wall_now
+from actors.scheduler import Dispatcher
 from actors.transport import ZmqDealer, ZmqRouter
-from actors.wire import decode, encode
+from actors.wire import encode
+from cluster.errors import EmulationError
 
 PAYLOADS = {"4KiB": 4 * 1024, "1MiB": 1024 * 1024}
 MODES = ("raw", "raw-nocopy", "raw-msgpack", "ndpmoe")
@@ -92,19 +96,21 @@ def _msgpack_server(conn) -> None:
         ctx.term()
 
 
-def _own_server(conn) -> None:
-    with ZmqRouter() as router:
-        conn.send(router.bind())
-        while True:
-            got = router.recv(RECV_TIMEOUT_S)
-            if got is None:
-                break
-            peer, frames = got
-            msg = decode(frames)
-            if msg.type == "shutdown":
-                break
-            fields = {"task_id": msg.fields["task_id"], "finish_s": msg.fields["start_s"]}
-            router.send(peer, encode("result", fields, msg.arrays))
+class _EchoDevice:
+    """A device whose work is nothing: replies with the array it was sent."""
+
+    def handle(self, msg):
+        return encode("result", {"task_id": msg.fields["task_id"], "done_s": 0.0}, msg.arrays)
+
+
+def _own_server(conn, endpoint: str) -> None:
+    """A device actor's side: a DEALER served by the project's DeviceServer loop."""
+    from actors.devices import DeviceServer
+
+    with ZmqDealer(b"ndp0", router_id=b"sched") as dealer:
+        dealer.connect(endpoint)
+        conn.send(endpoint)
+        DeviceServer(_EchoDevice(), dealer).serve()
 
 
 def _start(ctx: mp.context.BaseContext, target, *args):
@@ -149,24 +155,31 @@ class _MsgpackClient(_RawClient):
 
 
 class _OwnClient:
-    def __init__(self, endpoint: str) -> None:
-        self.dealer = ZmqDealer(b"client")
-        self.dealer.connect(endpoint)
+    """The scheduler's side: a bound ROUTER and the scheduler's own :class:`Dispatcher`."""
+
+    def __init__(self) -> None:
+        self.router = ZmqRouter()
+        self.endpoint = self.router.bind()
+        self.net = Dispatcher(self.router, RECV_TIMEOUT_S)
+
+    def connected(self) -> None:
+        deadline = wall_now() + 30
+        while True:
+            try:
+                self.net.ping(b"ndp0", 3)
+                return
+            except EmulationError:
+                if wall_now() > deadline:
+                    raise
 
     def round_trip(self, _payload: bytes, arr: np.ndarray, i: int) -> None:
-        self.dealer.send(
-            None, encode("task", {"task_id": i, "kind": "echo", "start_s": 0.0}, [arr])
-        )
-        got = self.dealer.recv(RECV_TIMEOUT_S)
-        if got is None:
-            raise RuntimeError("ndpmoe echo server went silent")
-        msg = decode(got[1])
-        if msg.fields["task_id"] != i or msg.arrays[0].nbytes != arr.nbytes:
+        msg = self.net.call(b"ndp0", {"kind": "echo", "start_s": 0.0}, [arr], "echo")
+        if msg.arrays[0].nbytes != arr.nbytes:
             raise RuntimeError(f"echo {i} came back wrong: {msg.fields}")
 
     def stop(self) -> None:
-        self.dealer.send(None, encode("shutdown", {}))
-        self.dealer.close()
+        self.router.send(b"ndp0", encode("shutdown", {}))
+        self.router.close()
 
 
 def run(iters: dict[str, int]) -> list[dict]:
@@ -175,9 +188,11 @@ def run(iters: dict[str, int]) -> list[dict]:
     zctx = zmq.Context()
     try:
         for mode in MODES:
-            if mode == "ndpmoe":
-                proc, endpoint = _start(spawn, _own_server)
-                clients[mode] = _OwnClient(endpoint)
+            if mode.startswith("ndpmoe"):
+                client = _OwnClient()
+                proc, _ = _start(spawn, _own_server, client.endpoint)
+                client.connected()
+                clients[mode] = client
             elif mode == "raw-msgpack":
                 proc, endpoint = _start(spawn, _msgpack_server)
                 clients[mode] = _MsgpackClient(zctx, endpoint, copy=False)
