@@ -5,6 +5,8 @@
     ndpmoe run [--engine analytic|emulate] [--system PRESET|FILE] [--model PRESET]
                [--model-config HF_CONFIG_JSON] [--policies A B ...] [--set key=value ...]
                [--out DIR]
+    ndpmoe reproduce [--out DIR] [--models M ...] [--units N ...] [--prompt P] [--output O]
+                     [--workers W] [--quick] [--set key=value ...] [--spot-check]
     ndpmoe policies        every scheduler, prefetcher and named combination
     ndpmoe presets         system and model presets
 
@@ -18,7 +20,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cluster.errors import NdpmoeError
+from cluster.errors import EmulationError, NdpmoeError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +47,31 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--address", default=None, help="emulate: attach to a Ray cluster (auto|HOST:PORT)")
     r.add_argument("--save-outputs", action="store_true",
                    help="emulate: write final hidden states per policy to outputs.npz")
+
+    rp = sub.add_parser("reproduce", help="the paper's studies (headline, ablation, prefetch "
+                        "budget, prefetchers, sensitivity) into a report with figures and CSV")
+    rp.add_argument("--out", default=None, help="run directory (default: runs/<time>-reproduce)")
+    rp.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                    help="headline models (default: qwen3-30b-a3b mixtral-8x7b deepseek-v2-lite "
+                    "qwen1.5-moe-a2.7b)")
+    rp.add_argument("--contrast-models", nargs="*", default=None, metavar="MODEL",
+                    help="models shown in the headline but not averaged (default: olmoe-1b-7b)")
+    rp.add_argument("--units", nargs="+", type=int, default=None, metavar="N",
+                    help="NDP-unit counts, presets edge-rtx5080-ndpN (default: 2 3 4 5 6)")
+    rp.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 512)")
+    rp.add_argument("--output", type=int, default=None, help="output tokens (default 512)")
+    rp.add_argument("--sweep-output", type=int, default=None,
+                    help="output tokens of studies 3-6 (default: as --output)")
+    rp.add_argument("--workers", type=int, default=None,
+                    help="worker processes (default: the CPU count)")
+    rp.add_argument("--quick", action="store_true",
+                    help="tiny workload for tests: 2 models, units 2 and 4, 32 in / 16 out")
+    rp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field for every point (repeatable)")
+    rp.add_argument("--spot-check", action="store_true",
+                    help="also run the emulate engine on qwen3-30b-a3b, 4 units, 16 in / 8 out, "
+                    "and compare its speedup with the analytic one")
+    rp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sub.add_parser("policies", help="list schedulers, prefetchers and named policies")
     pr = sub.add_parser("presets", help="list system and model presets")
@@ -93,6 +120,42 @@ def cmd_run(args: argparse.Namespace, console) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace, console, argv: Sequence[str] | None) -> int:
+    from rich.table import Table
+
+    from cluster import reproduce as rep
+    from cluster.errors import ConfigError
+
+    for flag in ("prompt", "output", "sweep_output", "workers"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {v} is not allowed: must be an integer >= 1")
+    opts = rep.options(args.models, args.units, args.prompt, args.output, args.sweep_output,
+                       args.contrast_models, args.overrides, args.workers, args.quick,
+                       args.spot_check)
+    command = "ndpmoe " + " ".join(sys.argv[1:] if argv is None else argv)
+    console.print(f"[bold]ndpmoe reproduce[/]: {len(opts.models)} models x units "
+                  f"{' '.join(map(str, opts.units))}, {opts.prompt_tokens} in / {opts.output_tokens} "
+                  f"out (studies 3-6: {opts.sweep_output_tokens} out), {opts.workers} worker(s)")
+    o = rep.reproduce(opts, args.out, console=console, progress=not args.quiet, command=command)
+    st = o.headline
+    t = Table(title="paper over monde, end-to-end speedup", title_justify="left")
+    for col in ("", "paper (DATE 2026)", "ndpmoe"):
+        t.add_column(col, justify="right" if col else "left")
+    t.add_row("average", f"{rep.PAPER_AVG_SPEEDUP:.2f}x", f"{st['avg']:.2f}x")
+    t.add_row("maximum", f"{rep.PAPER_MAX_SPEEDUP:.2f}x", f"{st['max']:.2f}x")
+    t.add_row("points", "4 models x 2-6 DIMMs", str(st["points"]))
+    console.print(t)
+    if o.spot:
+        console.print(f"spot check (emulate): paper over monde {o.spot['emulated_speedup']:.3f}x vs "
+                      f"analytic {o.spot['analytic_speedup']:.3f}x ({o.spot['difference_pct']:+.2f}%)")
+    console.print(f"{o.runs} policy runs in {o.compute_s:.0f} s; report: {o.run_dir / 'report.md'}")
+    if o.spot_error:
+        raise EmulationError(f"the spot check failed (report and CSVs were written to "
+                             f"{o.run_dir}): {o.spot_error}")
+    return 0
+
+
 def cmd_policies(console) -> int:
     from rich.table import Table
 
@@ -121,21 +184,21 @@ def cmd_presets(args: argparse.Namespace, console) -> int:
     if args.show:
         return _show_preset(args.show, console)
     t = Table(title="system presets", title_justify="left")
-    t.add_column("name", style="bold")
+    t.add_column("name", style="bold", no_wrap=True)
     t.add_column("hardware")
     for name, desc in presets.SYSTEM_DESCRIPTIONS.items():
         t.add_row(name + (" (default)" if name == presets.DEFAULT_SYSTEM else ""), desc)
     console.print(t)
     m = Table(title="model presets", title_justify="left")
-    for col in ("name", "MoE layers", "d_model", "d_ff/expert", "experts", "top-k", "shared",
-                "routed experts (fp16)"):
-        m.add_column(col, justify="right" if col != "name" else "left")
+    m.caption = "layers: MoE (+dense); d_ff per expert; E experts; k top-k; GB: routed experts, fp16"
+    for col in ("name", "layers", "d_model", "d_ff", "E", "k", "shared", "GB"):
+        m.add_column(col, justify="right" if col != "name" else "left", no_wrap=True)
     for name, fields in presets.MODELS.items():
         spec = ModelSpec(**fields)
-        dense = f" (+{spec.num_dense_layers} dense)" if spec.num_dense_layers else ""
+        dense = f"+{spec.num_dense_layers}" if spec.num_dense_layers else ""
         m.add_row(name + (" (default)" if name == presets.DEFAULT_MODEL else ""),
                   f"{spec.num_layers}{dense}", str(spec.d_model), str(spec.d_ff), str(spec.num_experts),
-                  str(spec.top_k), str(spec.num_shared_experts), f"{spec.routed_expert_bytes / 1e9:.1f} GB")
+                  str(spec.top_k), str(spec.num_shared_experts), f"{spec.routed_expert_bytes / 1e9:.0f}")
     console.print(m)
     return 0
 
@@ -174,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.cmd == "run":
             return cmd_run(args, console)
+        if args.cmd == "reproduce":
+            return cmd_reproduce(args, console, argv)
         if args.cmd == "policies":
             return cmd_policies(console)
         if args.cmd == "presets":

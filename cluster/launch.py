@@ -67,11 +67,15 @@ class _DeviceActor:
 class _SchedulerActor:
     """Ray body of the scheduler: binds the zmq ROUTER and runs policies on request."""
 
-    def __init__(self, cfg: Config, routing: Routing, host: str, local: bool) -> None:
+    def __init__(self, cfg: Config, routing: Routing, host: str | None, local: bool) -> None:
+        import ray
+
         from actors.scheduler import SchedulerCore
         from actors.transport import ZmqRouter
 
         self._blas = _one_blas_thread()
+        # cluster mode: bind this node's own address, so devices on other nodes can reach it
+        host = host or ray.util.get_node_ip_address()
         self.transport = ZmqRouter()
         self.endpoint_ = self.transport.bind(host, 0, local=local)
         self.core = SchedulerCore(cfg, routing, self.transport)
@@ -134,6 +138,7 @@ class EmuCluster:
     started_ray: bool
     startup_s: float
     rtt_s: dict[str, float] = field(default_factory=dict)
+    placement_group: Any = None
 
     def node_ids(self) -> dict[str, str]:
         import ray
@@ -182,8 +187,9 @@ def init_ray(address: str | None) -> bool:
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         else:
-            ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            # address="local": never attach to another Ray that happens to run on this machine
+            ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
     except Exception as exc:  # Ray raises several unrelated types here
         raise EmulationError(f"could not start or attach to Ray ({address or 'local'}): {exc}") from exc
     return True
@@ -197,21 +203,51 @@ def start(cfg: Config, routing: Routing, scale: float, address: str | None = Non
     started = init_ray(address)
     t0 = time.monotonic()
     local = address is None
-    host = "127.0.0.1" if local else ray.util.get_node_ip_address()
     opts = {"num_cpus": 0}
+    pg = None
     try:
         sched = ray.remote(_SchedulerActor).options(max_concurrency=2, **opts).remote(
-            cfg, routing, host, local)
+            cfg, routing, "127.0.0.1" if local else None, local)
         endpoint = ray.get(sched.endpoint.remote())
         gpu = ray.remote(_DeviceActor).options(**opts).remote(cfg, "gpu", -1, scale, endpoint)
-        units = [ray.remote(_DeviceActor).options(**opts).remote(cfg, "ndp", u, scale, endpoint)
+        unit_opts = [opts] * cfg.ndp.num_ndp_units
+        if not local:
+            pg, unit_opts = _unit_placement(cfg, ready_timeout_s)
+        units = [ray.remote(_DeviceActor).options(**unit_opts[u]).remote(cfg, "ndp", u, scale, endpoint)
                  for u in range(cfg.ndp.num_ndp_units)]
         peers = [b"gpu", *(f"ndp{u}".encode() for u in range(cfg.ndp.num_ndp_units))]
         rtt = ray.get(sched.wait_ready.remote(peers, ready_timeout_s))
     except Exception as exc:
+        if pg is not None:
+            ray.util.remove_placement_group(pg)
         if started:
             ray.shutdown()
         if isinstance(exc, EmulationError):
             raise
         raise EmulationError(f"could not start the emulation cluster: {exc}") from exc
-    return EmuCluster(sched, gpu, units, started, time.monotonic() - t0, rtt)
+    return EmuCluster(sched, gpu, units, started, time.monotonic() - t0, rtt, placement_group=pg)
+
+
+def _unit_placement(cfg: Config, timeout_s: float) -> tuple[Any, list[dict[str, Any]]]:
+    """A placement group with one bundle per NDP unit, spread by ``emulate.placement_strategy``.
+
+    Bundles ask for one ``ndp_slot`` each when the cluster has enough of that custom resource
+    (nodes started with ``--resources='{"ndp_slot": K}'``), else for a sliver of CPU.
+    """
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    n = cfg.ndp.num_ndp_units
+    slots = ray.cluster_resources().get("ndp_slot", 0)
+    bundle = {"ndp_slot": 1} if slots >= n else {"CPU": 0.01}
+    pg = placement_group([dict(bundle) for _ in range(n)], strategy=cfg.emulate.placement_strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        ray.util.remove_placement_group(pg)
+        raise EmulationError(
+            f"could not place {n} NDP units with strategy {cfg.emulate.placement_strategy} "
+            f"(bundles {bundle}) within {timeout_s:g} s; the cluster has {ray.cluster_resources()}")
+    res = {"num_cpus": 0, "resources": {"ndp_slot": 1}} if "ndp_slot" in bundle else {"num_cpus": 0.01}
+    return pg, [{**res, "scheduling_strategy": PlacementGroupSchedulingStrategy(
+        placement_group=pg, placement_group_bundle_index=u)} for u in range(n)]

@@ -253,6 +253,14 @@ class PolicySpec:
     non-expert weights, the KV cache and the on-demand fetch buffer. ``cache_fraction`` scales
     that budget (the prefetch-budget sweep). ``fetch_buffer_experts``: how many experts one
     step may fetch on demand (0: one whole layer, ``num_experts``).
+
+    Neighbour policies (:mod:`policies.neighbours`): ``context_alpha`` weighs prefill
+    activation counts against summed router gate weights in ``context-aware``'s score;
+    ``ndp_weight_bits`` is the bit-width of NDP-side expert weights for the policies that
+    quantise them (16: fp16, no change). ``odmoe_recall`` and ``odmoe_lookahead`` (layers) set
+    ``od-moe``'s predictor; ``expertflow_max_horizon`` bounds ``expertflow``'s adaptive
+    look-ahead (layers). ``prefill-freq-refresh`` swaps at most ``refresh_max_swaps`` cached
+    experts every ``refresh_period_steps`` decode tokens.
     """
 
     SECTION: ClassVar[str] = "policy"
@@ -267,6 +275,13 @@ class PolicySpec:
     profile_seed: int = 1
     profile_domain_seed: int = -1
     profile_tokens: int = 2048
+    context_alpha: float = 0.5
+    ndp_weight_bits: int = 16
+    odmoe_recall: float = 0.85
+    odmoe_lookahead: int = 1
+    expertflow_max_horizon: int = 4
+    refresh_period_steps: int = 32
+    refresh_max_swaps: int = 16
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -284,6 +299,15 @@ class PolicySpec:
         _check(s, "profile_alpha", self.profile_alpha,
                isinstance(self.profile_alpha, (int, float)) and (self.profile_alpha == -1 or 0 <= self.profile_alpha <= 10),
                "-1 (same as workload.alpha) or a number in 0..10")
+        for name in ("context_alpha", "odmoe_recall"):
+            v = getattr(self, name)
+            _check(s, name, v, isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+                   "a number in 0..1")
+        _check(s, "ndp_weight_bits", self.ndp_weight_bits,
+               isinstance(self.ndp_weight_bits, int) and not isinstance(self.ndp_weight_bits, bool)
+               and 1 <= self.ndp_weight_bits <= 16, "an integer in 1..16 (16: fp16)")
+        _integers(s, self, "odmoe_lookahead", "expertflow_max_horizon", "refresh_period_steps")
+        _integers(s, self, "refresh_max_swaps", minimum=0)
 
 
 @dataclass(frozen=True)
@@ -300,18 +324,29 @@ class WeightsSpec:
         _integers(self.SECTION, self, "memory_budget_bytes", minimum=0)
 
 
+PLACEMENT_STRATEGIES = ("SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK")
+
+
 @dataclass(frozen=True)
 class EmulateSpec:
-    """The Ray + zmq emulation cluster. ``dilation`` 0 means calibrate automatically."""
+    """The Ray + zmq emulation cluster. ``dilation`` 0 means calibrate automatically.
+
+    ``placement_strategy``: how NDP-unit actors are spread over the nodes of a Ray cluster
+    (a placement group with one bundle per unit; bundles ask for the custom resource
+    ``ndp_slot`` when the cluster offers enough of it). Ignored by local runs.
+    """
 
     SECTION: ClassVar[str] = "emulate"
     dilation: float = 0.0
     target_fidelity: float = 0.05
     recv_timeout_s: float = 30.0
+    placement_strategy: str = "SPREAD"
 
     def __post_init__(self) -> None:
         _non_negative(self.SECTION, self, "dilation")
         _positive(self.SECTION, self, "target_fidelity", "recv_timeout_s")
+        _check(self.SECTION, "placement_strategy", self.placement_strategy,
+               self.placement_strategy in PLACEMENT_STRATEGIES, f"one of {', '.join(PLACEMENT_STRATEGIES)}")
 
 
 @dataclass(frozen=True)
