@@ -1,0 +1,92 @@
+"""Sweeps: grids fan out as Ray tasks, bad points are recorded, heatmaps and CSV come out."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from cluster.errors import ConfigError
+from cluster.sweep import (
+    STRESS_AXES,
+    STRESS_BASE,
+    STRESS_POLICIES,
+    Grid,
+    aggregate,
+    parse_axis,
+    read_grid_file,
+    sweep_command,
+)
+
+TINY_BASE = ["model.num_layers=2", "workload.prompt_tokens=4", "workload.output_tokens=3",
+             "ndp.capacity_bytes=1099511627776"]
+
+
+def test_axes_parse_like_set_overrides():
+    assert parse_axis("ndp.num_ndp_units=2,4, 8") == ("ndp.num_ndp_units", [2, 4, 8])
+    assert parse_axis("workload.alpha=0,1.5") == ("workload.alpha", [0, 1.5])
+    assert parse_axis("workload.routing=synthetic,gate")[1] == ["synthetic", "gate"]
+    with pytest.raises(ConfigError, match="section.field=v1,v2"):
+        parse_axis("ndp.num_ndp_units")
+
+
+def test_grid_files_name_their_axes_policies_and_base(tmp_path):
+    f = tmp_path / "g.toml"
+    f.write_text('policies = ["tp", "ep"]\nset = ["model.num_layers=2"]\n'
+                 '[grid]\n"ndp.num_ndp_units" = [2, 4]\n"model.top_k" = [1, 2, 4]\n')
+    axes, pols, base = read_grid_file(f)
+    assert axes == {"ndp.num_ndp_units": [2, 4], "model.top_k": [1, 2, 4]}
+    assert pols == ["tp", "ep"] and base == ["model.num_layers=2"]
+    assert Grid(axes, pols, base).num_points == 2 * 3 * 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[grid]\n"ndp.num_ndp_units" = 4\n')
+    with pytest.raises(ConfigError, match="non-empty list"):
+        read_grid_file(bad)
+
+
+def test_the_default_stress_grid_has_over_a_thousand_points():
+    assert Grid(STRESS_AXES, STRESS_POLICIES, STRESS_BASE).num_points >= 1000
+    sub = Grid(STRESS_AXES, STRESS_POLICIES, STRESS_BASE, only=(0, 5))
+    assert sub.num_points == 2 * len(STRESS_POLICIES)
+    assert sub.configs()[1] == Grid(STRESS_AXES, STRESS_POLICIES, STRESS_BASE).configs()[5]
+
+
+@pytest.mark.ray
+def test_a_small_sweep_runs_as_ray_tasks_and_writes_csv_heatmaps_and_summary(tmp_path):
+    from rich.console import Console
+
+    ray = pytest.importorskip("ray")
+    grid = Grid({"ndp.num_ndp_units": [2, 4], "model.top_k": [2, 200]}, ["ep", "tp"], TINY_BASE)
+    try:
+        doc = sweep_command(grid, tmp_path, Console(file=open(tmp_path / "log.txt", "w")),
+                            model="olmoe-1b-7b", workers=2, progress=False)
+    finally:
+        assert not ray.is_initialized()  # the sweep shut down the Ray it started
+    assert doc["points"] == 8 and doc["failed"] == 4  # top_k 200 > 64 experts: recorded, not fatal
+    rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
+    assert len(rows) == 8
+    bad = [r for r in rows if r["error"]]
+    assert {r["model.top_k"] for r in bad} == {"200"} and "model.top_k" in bad[0]["error"]
+    good = [r for r in rows if not r["error"]]
+    tp = [float(r["max_over_mean"]) for r in good if r["policy"] == "tp"]
+    ep = [float(r["max_over_mean"]) for r in good if r["policy"] == "ep"]
+    assert all(abs(v - 1.0) < 1e-9 for v in tp)  # equal TP slices: perfectly balanced
+    assert all(v >= 1.0 for v in ep)
+    for metric in ("max_over_mean", "balancedness", "e2e_latency_s"):
+        png = tmp_path / f"heatmap_{metric}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "summary.json").read_text())["points"] == 8
+
+
+def test_aggregate_averages_over_the_other_axes():
+    rows = [
+        {"a": 1, "b": 1, "c": 0, "policy": "p", "m": 1.0},
+        {"a": 1, "b": 1, "c": 1, "policy": "p", "m": 3.0},
+        {"a": 2, "b": 1, "c": 0, "policy": "p", "m": 5.0},
+        {"a": 2, "b": 1, "c": 0, "policy": "q", "m": 100.0},
+        {"a": 2, "b": 1, "c": 1, "policy": "p", "m": None},
+    ]
+    xs, ys, g = aggregate(rows, "a", "b", "m", "p")
+    assert xs == [1, 2] and ys == [1]
+    assert g.tolist() == [[2.0, 5.0]]
