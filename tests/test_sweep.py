@@ -27,7 +27,7 @@ def test_axes_parse_like_set_overrides():
     assert parse_axis("ndp.num_ndp_units=2,4, 8") == ("ndp.num_ndp_units", [2, 4, 8])
     assert parse_axis("workload.alpha=0,1.5") == ("workload.alpha", [0, 1.5])
     assert parse_axis("workload.routing=synthetic,gate")[1] == ["synthetic", "gate"]
-    with pytest.raises(ConfigError, match="section.field=v1,v2"):
+    with pytest.raises(ConfigError, match=r"section\.field=v1,v2"):
         parse_axis("ndp.num_ndp_units")
 
 
@@ -58,13 +58,13 @@ def test_a_small_sweep_runs_as_ray_tasks_and_writes_csv_heatmaps_and_summary(tmp
 
     ray = pytest.importorskip("ray")
     grid = Grid({"ndp.num_ndp_units": [2, 4], "model.top_k": [2, 200]}, ["ep", "tp"], TINY_BASE)
-    try:
-        doc = sweep_command(grid, tmp_path, Console(file=open(tmp_path / "log.txt", "w")),
-                            model="olmoe-1b-7b", workers=2, progress=False)
-    finally:
-        assert not ray.is_initialized()  # the sweep shut down the Ray it started
+    with open(tmp_path / "log.txt", "w") as log:
+        doc = sweep_command(grid, tmp_path, Console(file=log), model="olmoe-1b-7b", workers=2,
+                            progress=False)
+    assert not ray.is_initialized()  # the sweep shut down the Ray it started
     assert doc["points"] == 8 and doc["failed"] == 4  # top_k 200 > 64 experts: recorded, not fatal
-    rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
+    with open(tmp_path / "sweep.csv") as fh:
+        rows = list(csv.DictReader(fh))
     assert len(rows) == 8
     bad = [r for r in rows if r["error"]]
     assert {r["model.top_k"] for r in bad} == {"200"} and "model.top_k" in bad[0]["error"]
