@@ -35,6 +35,7 @@ simplification, stated here and in the summary's notes).
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 
 import numpy as np
@@ -356,8 +357,8 @@ class Eplb(Scheduler):
             if e in step.cached:
                 tasks.append(self.gpu_task(e, toks))
                 continue
-            homes = units[e]
-            chunks = min(len(homes), len(toks))
+            homes = sorted(units[e], key=lambda x: (work[x], x))
+            chunks = self._chunks(len(toks), [work[u] for u in homes])
             size = -(-len(toks) // chunks)
             for i in range(chunks):
                 part = toks[i * size:(i + 1) * size]
@@ -367,6 +368,19 @@ class Eplb(Scheduler):
                 work[u] += self.cost.ndp_expert_s(len(part))
                 tasks.append(Task(u, e, 0, self.d_ff, part))
         return Plan(step.layer, tuple(tasks))
+
+    def _chunks(self, n: int, loads: list[float]) -> int:
+        """How many replicas share an expert's ``n`` tokens: the count whose busiest chosen
+        unit finishes first. Splitting costs a full weight read per replica (NDP units are
+        memory-bound at small batches), so it only pays once the tokens make compute dominate.
+        ``loads``: the replicas' units' work so far, ascending.
+        """
+        best, best_end = 1, math.inf
+        for c in range(1, min(len(loads), n) + 1):
+            end = max(loads[:c]) + self.cost.ndp_expert_s(-(-n // c))
+            if end < best_end - 1e-15:
+                best, best_end = c, end
+        return best
 
     def observe(self, step: StepInput) -> None:
         load = np.zeros(self.cfg.model.num_experts)
