@@ -26,6 +26,7 @@ Requests (``task`` messages, field ``kind``):
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
@@ -39,6 +40,16 @@ from cluster import reference as R
 from cluster.cost import CostModel
 from cluster.errors import EmulationError, ProtocolError
 from cluster.spec import Config
+
+
+def _policy_cost(cfg: Config, fields: dict[str, Any]) -> CostModel:
+    """The cost model of the policy about to run: a ``reset`` may carry the NDP internal
+    bandwidth of that policy's cost config (reduced-bit-width NDP weights, see
+    ``cluster.analytic.policy_cost_config``)."""
+    bw = fields.get("ndp_internal_bw_gbps")
+    if bw is None or bw == cfg.ndp.internal_bw_gbps:
+        return CostModel(cfg)
+    return CostModel(cfg.replace(ndp=dataclasses.replace(cfg.ndp, internal_bw_gbps=float(bw))))
 
 
 def _reply(task_id: int, fields: dict[str, Any], arrays: list[np.ndarray] = ()) -> list:
@@ -77,6 +88,7 @@ class NdpUnit:
         kind = f["kind"]
         if kind == "reset":
             self.free_s = 0.0
+            self.cost = _policy_cost(self.cfg, f)
             return _reply(f["task_id"], {"unit": self.unit})
         if kind == "warm":
             held = self.warm([tuple(x) for x in msg.arrays[0].tolist()])

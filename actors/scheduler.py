@@ -293,8 +293,10 @@ class SchedulerCore:
         waiting = {self.net.send(p, fields, (arrays or {}).get(u, [])): p for p, u in peers.items()}
         return self.net.gather(waiting, what)
 
-    def reset(self) -> None:
-        self._all({"kind": "reset"}, "reset")
+    def reset(self, ndp_internal_bw_gbps: float | None = None) -> None:
+        """A new policy starts: devices forget their queues and take its cost model."""
+        bw = self.cfg.ndp.internal_bw_gbps if ndp_internal_bw_gbps is None else ndp_internal_bw_gbps
+        self._all({"kind": "reset", "ndp_internal_bw_gbps": float(bw)}, "reset")
 
     def warm(self, layouts: dict[int, list[tuple[int, int, int, int]]]) -> dict[int, int]:
         """Has each unit generate its weight slices before any timed work."""
@@ -314,9 +316,6 @@ class SchedulerCore:
         The run's clock (a :class:`RealClock` at ``dilation`` unless ``clock`` is given)
         starts at emulated 0 once the devices are reset.
         """
-        self.reset()
-        if clock is None:
-            clock = RealClock(dilation)
         routing = self.routing
         if max_decode_steps is not None and max_decode_steps < routing.decode_steps:
             keep = routing.prompt_tokens + max_decode_steps
@@ -325,6 +324,9 @@ class SchedulerCore:
         ex = EmulationExecutor(self.cfg, routing, self.tr, clock, self.timeout_s, calibrate=calibrate,
                                net=self.net)
         episode = Episode(self.cfg, routing, name, executor=ex, trace_steps=trace_steps)
+        self.reset(episode.cost.cfg.ndp.internal_bw_gbps)
+        if clock is None:  # the run's emulated time starts now, with everything ready
+            clock = ex.clock = RealClock(dilation)
         w0 = wall_now()
         ex.last_mark = (w0, 0.0)
         if not calibrate:

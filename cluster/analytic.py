@@ -11,6 +11,7 @@ prefetched expert serves a step only if it arrived before the step began.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,7 +41,18 @@ class BackgroundLink:
         if not self.queue:
             self.cursor = max(self.cursor, now)
         for k in keys:
-            self.queue.append([k, self.cost.fetch_s()])
+            if k not in self.arrived:
+                self.queue.append([k, self.cost.fetch_s()])
+
+    def landed(self, keys: list[Key], now: float) -> None:
+        """Keys that reached the GPU another way (an on-demand fetch): resident from ``now``,
+        and no longer worth moving in the background."""
+        new = [k for k in keys if k not in self.arrived]
+        for k in new:
+            self.arrived[k] = now
+        if new and self.queue:
+            gone = set(new)
+            self.queue = deque(item for item in self.queue if item[0] not in gone)
 
     def advance(self, until: float, busy: list[tuple[float, float]] = ()) -> None:
         """Moves queued prefetches through ``[cursor, until]`` minus the ``busy`` intervals."""
@@ -53,7 +65,7 @@ class BackgroundLink:
                 t += step
                 if item[1] <= 1e-15:
                     self.queue.popleft()
-                    self.arrived[item[0]] = t
+                    self.arrived.setdefault(item[0], t)  # an on-demand copy may have come first
                     self.bytes_moved += self.cost.expert_bytes
                     self.experts_moved += 1
             t = max(t, b)
@@ -74,11 +86,32 @@ def decode_future(routing: Routing) -> list[list[dict[int, int]]]:
 def make_prefetcher(cfg: Config, name: str, routing: Routing) -> Prefetcher:
     cls = policies.get("prefetcher", name)
     ctx = PrefetchContext(cfg, cfg.cache_capacity_experts)
-    if name == "oracle":
+    if cls.needs_future:
         ctx.future = decode_future(routing)
     if name == "profiled":
         ctx.calibration = calibration_counts(cfg)
+    if cls.needs_prefill_routing:
+        P = routing.prompt_tokens
+        ctx.prefill_ids = routing.topk_ids[:, :P].reshape(-1, *routing.topk_ids.shape[2:])
+        ctx.prefill_weights = routing.topk_weights[:, :P].reshape(-1, *routing.topk_weights.shape[2:])
     return cls(ctx)
+
+
+def policy_cost_config(cfg: Config, *classes: type) -> Config:
+    """The config a policy's cost model is built from: ``cfg``, unless one of its classes
+    (scheduler, prefetcher) sets ``uses_ndp_weight_bits`` and ``policy.ndp_weight_bits`` < 16.
+
+    Then NDP-side expert weights are read at ``bits / 16`` of their fp16 bytes, modelled as
+    an NDP internal bandwidth ``16 / bits`` times higher, so that every user of the cost model
+    (plans, timing, lower bounds, both engines) agrees. NDP flops, the link and the GPU are
+    unchanged; the activations an NDP unit reads (``2 * n * d_model`` fp16 values per expert,
+    small beside its weights) get the same speed-up: a simplification.
+    """
+    bits = cfg.policy.ndp_weight_bits
+    if bits >= 16 or not any(getattr(c, "uses_ndp_weight_bits", False) for c in classes):
+        return cfg
+    ndp = dataclasses.replace(cfg.ndp, internal_bw_gbps=cfg.ndp.internal_bw_gbps * 16 / bits)
+    return cfg.replace(ndp=ndp)
 
 
 class Executor:
@@ -111,10 +144,14 @@ class Episode:
                  executor: Executor | None = None, trace_steps: range = range(1, 3)) -> None:
         self.cfg, self.routing, self.name = cfg, routing, name
         choice = policies.resolve(name)
-        self.cost = CostModel(cfg)
-        self.sched = policies.get("scheduler", choice.scheduler)(cfg, self.cost)
+        sched_cls = policies.get("scheduler", choice.scheduler)
+        cost_cfg = policy_cost_config(cfg, sched_cls, policies.get("prefetcher", choice.prefetcher))
+        self.cost = CostModel(cost_cfg)  # policy-specific (NDP weight bits); cfg stays as loaded
+        self.sched = sched_cls(cfg, self.cost)
         self.pf = make_prefetcher(cfg, choice.prefetcher, routing)
         self.rec = PolicyRecords(name, choice.scheduler, choice.prefetcher)
+        if cost_cfg is not cfg:
+            self.rec.extra["ndp_weight_bits"] = cfg.policy.ndp_weight_bits
         self.executor = executor or Executor()
         self.trace_steps = trace_steps
         self.bg = BackgroundLink(self.cost)
@@ -194,9 +231,8 @@ class Episode:
         if phase == "decode":
             fetched = [f.expert for f in plan.fetches if f.col_start == 0 and f.col_end == cfg.model.d_ff]
             more = pf.after_step(layer, step - 1, {e: len(v) for e, v in routed.items()}, fetched)
-            for e in fetched:  # fetched on demand and admitted: already on the GPU
-                if (layer, e) in pf.cache:
-                    bg.arrived.setdefault((layer, e), end)
+            # fetched on demand and admitted: already on the GPU
+            bg.landed([(layer, e) for e in fetched if (layer, e) in pf.cache], end)
             _drop_evicted(bg, pf)
             if more:
                 bg.push(more, end)

@@ -2,12 +2,15 @@
 
 Importing this package registers every scheduler, prefetcher and named combination:
 
-- schedulers: ``ep``, ``monde``, ``tp``, ``tp-lb``, ``eplb``
-- prefetchers: ``none``, ``lru``, ``lfu``, ``profiled``, ``oracle``, ``prefill-freq``
-- combinations: ``paper`` = ``tp-lb`` + ``prefill-freq``
+- schedulers: ``ep``, ``monde``, ``tp``, ``tp-lb``, ``eplb``, ``monde-tp``
+- prefetchers: ``none``, ``lru``, ``lfu``, ``profiled``, ``oracle``, ``prefill-freq``, and
+  (:mod:`policies.neighbours`) ``context-aware``, ``od-moe``, ``expertflow``,
+  ``prefill-freq-refresh``
+- combinations: ``paper`` = ``tp-lb`` + ``prefill-freq``; the neighbours ``context-aware``,
+  ``od-moe``, ``expertflow``; ``paper-refresh`` (beyond the paper)
 """
 
-from policies import eplb, prefetch, schedulers  # noqa: F401  (registration side effects)
+from policies import eplb, neighbours, prefetch, schedulers  # noqa: F401  (registration side effects)
 from policies.base import Scheduler, StepInput, tp_bounds
 from policies.plan import ALL_UNITS, GPU, Fetch, Plan, StepTiming, Task, lower_bound_s, time_plan
 from policies.prefetch import ExpertCache, PrefetchContext, Prefetcher
@@ -25,6 +28,15 @@ from policies.registry import (
 
 register_combo("paper", "tp-lb", "prefill-freq",
                "The paper's framework: tp-lb scheduling + prefill-freq dataset-free prefetch")
+register_combo("context-aware", "monde-tp", "context-aware",
+               "Context-aware GPU-NDP (arXiv 2512.04476): prefill-scored hot experts pinned on "
+               "the GPU, cold ones on NDP at policy.ndp_weight_bits")
+register_combo("od-moe", "tp-lb", "od-moe",
+               "OD-MoE: cacheless on-demand loading of the experts predicted a few layers ahead")
+register_combo("expertflow", "tp-lb", "expertflow",
+               "ExpertFlow: routing-path prediction, adaptive prefetch horizon, LRU cache")
+register_combo("paper-refresh", "tp-lb", "prefill-freq-refresh",
+               "Beyond the paper: paper with its prefetch set refreshed from decode counts")
 
 __all__ = [
     "ALL_UNITS", "GPU", "ExpertCache", "Fetch", "Plan", "PolicyChoice", "PrefetchContext", "Prefetcher",

@@ -77,21 +77,35 @@ class ExpertCache:
 
 @dataclass
 class PrefetchContext:
-    """What a prefetcher may know. ``future``: decode routing, only for ``oracle``;
-    ``calibration``: activation counts ``[layers, experts]`` of a separate trace, for ``profiled``.
+    """What a prefetcher may know. ``future``: decode routing, only for classes that set
+    ``needs_future`` (``oracle``, and predictors whose accuracy is a knob);
+    ``calibration``: activation counts ``[layers, experts]`` of a separate trace, for ``profiled``;
+    ``prefill_ids``/``prefill_weights``: the prompt's routing ``[batch * prompt, layers, k]``
+    (token ``b * P + p``), for classes that set ``needs_prefill_routing``; they may read it
+    from :meth:`Prefetcher.after_prefill` on, when the router has produced it.
     """
 
     cfg: Config
     capacity: int
     future: list[list[Mapping[int, int]]] | None = None  # [decode step][layer] -> {expert: n}
     calibration: np.ndarray | None = None
+    prefill_ids: np.ndarray | None = None
+    prefill_weights: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
 
 
 class Prefetcher:
-    """No prefetching; the cache stays empty. Base class of the others."""
+    """No prefetching; the cache stays empty. Base class of the others.
+
+    Class flags the engines read: ``needs_future`` and ``needs_prefill_routing`` (fill those
+    :class:`PrefetchContext` fields); ``uses_ndp_weight_bits`` (the policy's NDP-side experts
+    are stored at ``policy.ndp_weight_bits``: its cost model scales their weight bytes).
+    """
 
     name = "base"
+    needs_future = False
+    needs_prefill_routing = False
+    uses_ndp_weight_bits = False
 
     def __init__(self, ctx: PrefetchContext) -> None:
         self.ctx = ctx
@@ -187,6 +201,8 @@ class Lfu(Prefetcher):
 @register("prefetcher", "oracle")
 class Oracle(Prefetcher):
     """Upper bound: knows future routing; fills with the decode's most used experts, Belady after."""
+
+    needs_future = True
 
     def __init__(self, ctx: PrefetchContext) -> None:
         super().__init__(ctx)
