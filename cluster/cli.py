@@ -7,6 +7,10 @@
                [--out DIR]
     ndpmoe reproduce [--out DIR] [--models M ...] [--units N ...] [--prompt P] [--output O]
                      [--workers W] [--quick] [--set key=value ...] [--spot-check]
+    ndpmoe sweep  --axis KEY=V1,V2,... [--axis ...] | --grid FILE.toml  [--policies ...]
+                  [--system S] [--model M] [--set key=value ...] [--workers W]
+                  [--address ADDR] [--emulate K] [--out DIR]
+    ndpmoe stress [the same; default axes: NDP units x experts x top-k x skew x batch]
     ndpmoe policies        every scheduler, prefetcher and named combination
     ndpmoe presets         system and model presets
 
@@ -72,6 +76,26 @@ def _parser() -> argparse.ArgumentParser:
                     help="also run the emulate engine on qwen3-30b-a3b, 4 units, 16 in / 8 out, "
                     "and compare its speedup with the analytic one")
     rp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    for name, help_text in (("sweep", "a grid of configurations x policies (analytic, as Ray tasks)"),
+                            ("stress", "load balance at scale: NDP units x experts x top-k x skew x batch")):
+        sw = sub.add_parser(name, help=help_text)
+        sw.add_argument("--axis", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="a grid axis, e.g. --axis ndp.num_ndp_units=4,16,64 (repeatable)")
+        sw.add_argument("--grid", default=None, help="TOML file with a [grid] table of lists "
+                        "(and optional policies = [...], set = [...])")
+        sw.add_argument("--policies", nargs="+", default=None, metavar="POLICY")
+        sw.add_argument("--system", default=None)
+        sw.add_argument("--model", default=None)
+        sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="base override applied to every point")
+        sw.add_argument("--workers", type=int, default=None,
+                        help="CPUs of the local Ray started for the sweep (default: all)")
+        sw.add_argument("--address", default=None, help="run the points on a Ray cluster")
+        sw.add_argument("--emulate", type=int, default=0, metavar="K",
+                        help="also run the K most imbalanced configurations on the emulation engine")
+        sw.add_argument("--out", default=None)
+        sw.add_argument("--quiet", action="store_true")
 
     sub.add_parser("policies", help="list schedulers, prefetchers and named policies")
     pr = sub.add_parser("presets", help="list system and model presets")
@@ -153,6 +177,35 @@ def cmd_reproduce(args: argparse.Namespace, console, argv: Sequence[str] | None)
     if o.spot_error:
         raise EmulationError(f"the spot check failed (report and CSVs were written to "
                              f"{o.run_dir}): {o.spot_error}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace, console) -> int:
+    """``sweep`` and ``stress``: build the grid, run it, write the run directory."""
+    from pathlib import Path
+
+    from cluster import sweep
+    from cluster.errors import ConfigError
+    from cluster.report import new_run_dir
+
+    stress = args.cmd == "stress"
+    axes: dict = dict(sweep.STRESS_AXES) if stress else {}
+    pols = list(sweep.STRESS_POLICIES) if stress else ["ep", "tp", "tp-lb", "paper"]
+    base = list(sweep.STRESS_BASE) if stress else []
+    if args.grid:
+        g_axes, g_pols, g_base = sweep.read_grid_file(args.grid)
+        axes = g_axes if not stress else {**axes, **g_axes}
+        pols = g_pols or pols
+        base += g_base
+    for text in args.axis:
+        key, values = sweep.parse_axis(text)
+        axes[key] = values
+    if not axes:
+        raise ConfigError("sweep needs at least one axis: --axis section.field=v1,v2,... or --grid FILE")
+    grid = sweep.Grid(axes, args.policies or pols, base + list(args.overrides))
+    run_dir = Path(args.out) if args.out else new_run_dir(engine=args.cmd)
+    sweep.sweep_command(grid, run_dir, console, args.system, args.model, args.workers, args.address,
+                        args.emulate, progress=not args.quiet)
     return 0
 
 
@@ -239,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args, console)
         if args.cmd == "reproduce":
             return cmd_reproduce(args, console, argv)
+        if args.cmd in ("sweep", "stress"):
+            return cmd_sweep(args, console)
         if args.cmd == "policies":
             return cmd_policies(console)
         if args.cmd == "presets":

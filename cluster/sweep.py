@@ -265,7 +265,7 @@ def summary_table(rows: list[dict[str, Any]], names: Sequence[str]):
 
     t = Table(title="sweep summary (mean over the grid; worst = the most imbalanced point)",
               title_justify="left")
-    for col in ("policy", "points", "max/mean", "worst max/mean", "balancedness", "e2e mean", "failed"):
+    for col in ("policy", "points", "max/mean", "worst", "balanced", "e2e", "failed"):
         t.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
     for n in names:
         ok = [r for r in rows if r["policy"] == n and not r.get("error")]
@@ -276,7 +276,7 @@ def summary_table(rows: list[dict[str, Any]], names: Sequence[str]):
         mom = [r["max_over_mean"] for r in ok]
         t.add_row(n, str(len(ok)), f"{np.mean(mom):.3f}", f"{np.max(mom):.3f}",
                   f"{np.mean([r['balancedness'] for r in ok]):.3f}",
-                  f"{np.mean([r['e2e_latency_s'] for r in ok]):.4g} s", str(bad))
+                  f"{np.mean([r['e2e_latency_s'] for r in ok]) * 1e3:.2f} ms", str(bad))
     return t
 
 
