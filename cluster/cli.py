@@ -203,6 +203,10 @@ def cmd_sweep(args: argparse.Namespace, console) -> int:
     if not axes:
         raise ConfigError("sweep needs at least one axis: --axis section.field=v1,v2,... or --grid FILE")
     grid = sweep.Grid(axes, args.policies or pols, base + list(args.overrides))
+    import policies
+
+    for name in grid.policies:  # fail before any directory or Ray exists
+        policies.resolve(name)
     run_dir = Path(args.out) if args.out else new_run_dir(engine=args.cmd)
     sweep.sweep_command(grid, run_dir, console, args.system, args.model, args.workers, args.address,
                         args.emulate, progress=not args.quiet)

@@ -90,3 +90,13 @@ def test_aggregate_averages_over_the_other_axes():
     xs, ys, g = aggregate(rows, "a", "b", "m", "p")
     assert xs == [1, 2] and ys == [1]
     assert g.tolist() == [[2.0, 5.0]]
+
+
+def test_the_cli_refuses_a_sweep_without_axes_or_with_a_bad_policy(capsys):
+    from cluster.cli import main
+
+    assert main(["sweep", "--quiet"]) == 2
+    assert "at least one axis" in capsys.readouterr().err
+    assert main(["sweep", "--axis", "ndp.num_ndp_units=2,4", "--policies", "nope", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown policy 'nope'" in err and "Traceback" not in err
