@@ -76,6 +76,13 @@ class RealClock:
         """The wall time at which emulated time reaches ``t_s``."""
         return self.epoch_wall_s + t_s * self.dilation
 
+    def shift_epoch(self, wall_s: float) -> None:
+        """Moves the epoch ``wall_s`` wall seconds later, so that wall time lost outside the
+        model (restarting a dead actor, waiting out a lost message) is not emulated time."""
+        if not (math.isfinite(wall_s) and wall_s >= 0):
+            raise ValueError(f"wall_s must be a finite number >= 0, got {wall_s!r}")
+        self.epoch_wall_s += wall_s
+
     def sleep_until_s(self, t_s: float) -> None:
         if not math.isfinite(t_s):
             raise ValueError(f"cannot sleep until {t_s!r}")

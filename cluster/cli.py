@@ -286,11 +286,27 @@ def _show_preset(name: str, console) -> int:
     return 0
 
 
+def _sigterm_interrupts():
+    """SIGTERM ends a run like Ctrl-C does: the same cleanup path (actors stopped, Ray shut
+    down, partial results written). Returns the previous handler (None off the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
 
     args = _parser().parse_args(argv)
     console = Console()
+    previous = _sigterm_interrupts()
     try:
         if args.cmd == "run":
             return cmd_run(args, console)
@@ -308,8 +324,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
     except KeyboardInterrupt:
-        Console(stderr=True).print("[bold red]interrupted[/]")
+        Console(stderr=True).print("[bold red]interrupted[/]: actors stopped, Ray shut down; "
+                                   "partial results (if any) are in the run directory")
         return 130
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

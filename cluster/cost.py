@@ -13,12 +13,17 @@ tokens, restricted to a fraction ``f`` of its ``d_ff`` columns (a tensor-paralle
           + 2 * n * d_model * 2                 (fp16 activations in and partial out)
 
 Bandwidths are in GB/s (1e9 bytes/s), compute in TFLOPS/GFLOPS (1e12/1e9 flop/s).
+
+Injected faults that change the model (``emulate.inject``, :mod:`cluster.faults`): a slowed
+NDP unit ``u`` takes ``unit_factor[u]`` times as long for all its work
+(:meth:`CostModel.ndp_unit_expert_s`), and a link delay adds to ``link_latency_s``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cluster.faults import parse_inject
 from cluster.spec import BYTES_PER_ACT, BYTES_PER_PARAM, Config
 
 
@@ -27,13 +32,23 @@ class CostModel:
     """Durations of every kind of work, in seconds, derived from one :class:`Config`.
 
     Precomputes per-device rates so that a policy can ask thousands of times per step.
+    ``unit_factor`` (one number >= 1 per NDP unit) defaults to the config's injected
+    ``slow:ndpKxF`` faults (all 1.0 without them).
     """
 
     cfg: Config
+    unit_factor: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         c, m = self.cfg, self.cfg.model
         s = object.__setattr__
+        faults = parse_inject(c.emulate.inject)
+        if self.unit_factor is None:
+            s(self, "unit_factor", faults.unit_factors(c.ndp.num_ndp_units))
+        elif len(self.unit_factor) != c.ndp.num_ndp_units:
+            raise ValueError(f"unit_factor has {len(self.unit_factor)} entries for "
+                             f"{c.ndp.num_ndp_units} NDP units")
+        s(self, "unit_speed_sum", sum(1.0 / f for f in self.unit_factor))
         s(self, "gpu_flops", c.gpu.peak_tflops * 1e12)
         s(self, "gpu_bw", c.gpu.mem_bw_gbps * 1e9)
         s(self, "gpu_launch_s", c.gpu.launch_overhead_us * 1e-6)
@@ -41,7 +56,7 @@ class CostModel:
         s(self, "ndp_bw", c.ndp.internal_bw_gbps * 1e9)
         s(self, "ndp_launch_s", c.ndp.launch_overhead_us * 1e-6)
         s(self, "link_bw", c.link.bw_gbps * 1e9)
-        s(self, "link_latency_s", c.link.latency_us * 1e-6)
+        s(self, "link_latency_s", (c.link.latency_us + faults.link_delay_us) * 1e-6)
         s(self, "expert_bytes", m.expert_bytes)
         s(self, "expert_flops_per_token", 2 * m.expert_params)
         s(self, "act_bytes_per_token", m.d_model * BYTES_PER_ACT)
@@ -70,7 +85,12 @@ class CostModel:
         return self.gpu_compute_s(*self.expert_work(n_tokens, frac))
 
     def ndp_expert_s(self, n_tokens: int, frac: float = 1.0) -> float:
+        """On a healthy NDP unit; see :meth:`ndp_unit_expert_s` for a given unit."""
         return self.ndp_compute_s(*self.expert_work(n_tokens, frac))
+
+    def ndp_unit_expert_s(self, unit: int, n_tokens: int, frac: float = 1.0) -> float:
+        """On NDP unit ``unit``: the healthy time times its slow-down factor."""
+        return self.ndp_expert_s(n_tokens, frac) * self.unit_factor[unit]
 
     def fetch_s(self, frac: float = 1.0) -> float:
         """Moving (a ``frac`` slice of) one expert's weights NDP -> GPU over the link."""

@@ -10,10 +10,18 @@ records, for each paced segment (a GPU layer, a MoE step), the real wall time it
 its modelled duration. D is a margin times the high quantile of those ratios, so that the
 real work of almost every segment fits inside its slot; a segment that still overruns is
 counted and its lag shows in the fidelity error.
+
+Faults (DESIGN.md section 9, :mod:`cluster.faults`): when a policy's run fails (a dead or
+silent device, a deadline), the policies that finished keep their summaries, the failing one
+is summarised from the records the scheduler kept (``"status": "failed"``, the error, where it
+stopped) and :class:`PartialRunError` carries all of it to the caller, which writes the run
+directory and re-raises. Recoveries and retries are reported per policy (``recoveries``,
+``recovery_wall_s``, ``retries``, ``retry_wall_s``); their wall time is not emulated time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -22,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from cluster.analytic import run_policy
-from cluster.errors import ConfigError
+from cluster.errors import ConfigError, EmulationError
+from cluster.faults import parse_inject
 from cluster.metrics import PolicyRecords, summarize
 from cluster.routing import Routing
 from cluster.spec import Config
@@ -88,6 +97,41 @@ def choose_dilation(ratios: list[float]) -> float:
     return max(1.0, math.ceil(DILATION_MARGIN * q))
 
 
+class PartialRunError(EmulationError):
+    """A run that stopped early, with what it produced: ``summaries`` (the failed policy marked
+    ``"status": "failed"``), ``records`` and ``extra`` for ``summary.json``."""
+
+    def __init__(self, message: str, summaries: dict[str, dict[str, Any]],
+                 records: list[PolicyRecords], extra: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summaries, self.records, self.extra = summaries, records, extra
+
+
+def _fault_fields(stats) -> dict[str, Any]:
+    return {"recoveries": stats.recoveries, "recovery_wall_s": stats.recovery_wall_s,
+            "retries": stats.retries, "retry_wall_s": stats.retry_wall_s,
+            "dropped_messages": stats.dropped, "injected_kills": list(stats.kills)}
+
+
+def failed_summary(name: str, error: str, rec: PolicyRecords | None, stats,
+                   where: tuple[str, int, int] | None, cfg: Config) -> dict[str, Any]:
+    """The summary of a policy whose run failed: the error, where, and what it had done."""
+    s: dict[str, Any] = {"status": "failed", "error": error, "e2e_latency_s": None}
+    if where is not None:
+        s["failed_at"] = {"phase": where[0], "step": where[1], "layer": where[2]}
+    if rec is not None:
+        s["tokens_completed"] = len(rec.tokens)
+        s["moe_steps_completed"] = len(rec.steps)
+        if rec.steps:
+            part = summarize(rec, cfg.ndp.num_ndp_units)
+            part.pop("e2e_latency_s", None)
+            s["partial"] = part
+    if stats is not None:
+        s.update(_fault_fields(stats))
+        s["wall_s"] = stats.wall_s
+    return s
+
+
 def _emulated_summary(rec: PolicyRecords, stats, cfg: Config, analytic: PolicyRecords,
                       dilation: float) -> dict[str, Any]:
     s = summarize(rec, cfg.ndp.num_ndp_units)
@@ -107,6 +151,8 @@ def _emulated_summary(rec: PolicyRecords, stats, cfg: Config, analytic: PolicyRe
         "stamp_mismatches": stats.stamp_mismatches,
         "wall_s": stats.wall_s,
         "messages": stats.messages,
+        "status": "ok",
+        **_fault_fields(stats),
     })
     return s
 
@@ -114,7 +160,11 @@ def _emulated_summary(rec: PolicyRecords, stats, cfg: Config, analytic: PolicyRe
 def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path, console=None,
                   progress: bool = True, address: str | None = None,
                   save_outputs: bool = False) -> tuple[dict, list[PolicyRecords], dict]:
-    """Runs ``names`` on the emulation cluster; returns (summaries, records, extra)."""
+    """Runs ``names`` on the emulation cluster; returns (summaries, records, extra).
+
+    A failure (dead device, deadline) raises :class:`PartialRunError` with the summaries of
+    the policies that finished and of the failing one; the cluster is closed either way.
+    """
     import ray
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -123,11 +173,17 @@ def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path
 
     scale = choose_scale(cfg)
     say = console.print if console is not None else (lambda *a, **k: None)
+    faults = parse_inject(cfg.emulate.inject)
     cluster = launch.start(cfg, routing, scale, address)
     summaries: dict[str, dict[str, Any]] = {}
     records: list[PolicyRecords] = []
     outputs: dict[str, np.ndarray] = {}
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"emulation": {"weights_scale": scale, "startup_s": cluster.startup_s,
+                                           "rtt_s": cluster.rtt_s, "recover": cfg.emulate.recover}}
+    if faults:
+        extra["faults"] = {"inject": cfg.emulate.inject, **faults.as_dict()}
+    ref = None
+    current = "(startup)"
     try:
         held = launch.get(cluster.scheduler.warm.remote(unit_layouts(cfg, scale)))
         say(f"cluster up in {cluster.startup_s:.2f} s: 1 GPU + {cfg.ndp.num_ndp_units} NDP actors, "
@@ -138,6 +194,7 @@ def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path
         else:
             ratios = []
             for n in names:
+                current = f"{n} (calibration)"
                 _, st = launch.get(cluster.scheduler.run_policy.remote(
                     n, 1.0, True, CALIBRATION_DECODE_STEPS))
                 ratios += st.ratios
@@ -145,11 +202,17 @@ def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path
             say(f"calibrated dilation D = {dilation:g} (p{int(100 * DILATION_QUANTILE)} of "
                 f"{len(ratios)} segments' real/modelled time = "
                 f"{np.quantile(ratios, DILATION_QUANTILE):.2f}, margin {DILATION_MARGIN})")
+        extra["emulation"].update({
+            "dilation": dilation, "calibrated": cfg.emulate.dilation <= 0,
+            "calibration_segments": len(ratios),
+            "calibration_ratio_quantile": float(np.quantile(ratios, DILATION_QUANTILE)) if ratios else None,
+            "unit_weight_bytes": held})
         ref = reference_forward(cfg, routing, scale)
         steps = routing.decode_steps + 1
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, disable=not progress) as bar:
             for n in names:
+                current = n
                 task = bar.add_task(f"{n} (D={dilation:g})", total=steps)
                 ref_obj = cluster.scheduler.run_policy.remote(n, dilation)
                 while True:
@@ -165,19 +228,34 @@ def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path
                 s["output_rel_error"] = float(np.abs(out - ref).max() / max(1e-30, np.abs(ref).max()))
                 summaries[n] = s
                 records.append(rec)
-        extra = {
-            "emulation": {
-                "dilation": dilation, "calibrated": cfg.emulate.dilation <= 0,
-                "calibration_segments": len(ratios),
-                "calibration_ratio_quantile": float(np.quantile(ratios, DILATION_QUANTILE)) if ratios else None,
-                "weights_scale": scale, "unit_weight_bytes": held,
-                "startup_s": cluster.startup_s, "rtt_s": cluster.rtt_s,
-                "node_ids": cluster.node_ids(),
-            },
-        }
+        extra["emulation"]["node_ids"] = cluster.node_ids()
+    except EmulationError as exc:
+        raise _partial(cluster, cfg, current, names, exc, summaries, records, extra) from exc
     finally:
         cluster.close()
     if save_outputs:
         np.savez_compressed(run_dir / "outputs.npz", reference=ref, **{k.replace("+", "_"): v
                                                                         for k, v in outputs.items()})
     return summaries, records, extra
+
+
+def _partial(cluster, cfg: Config, current: str, names: list[str], exc: EmulationError,
+             summaries: dict[str, dict[str, Any]], records: list[PolicyRecords],
+             extra: dict[str, Any]) -> PartialRunError:
+    """What a failed run leaves: finished policies, the failing one from the scheduler's
+    records of it (when the scheduler still answers), and the error."""
+    from cluster import launch
+
+    rec = stats = where = None
+    if current in names:  # failed in a timed run, not at startup or calibration
+        # if the scheduler itself is gone, the error is reported without records
+        with contextlib.suppress(Exception):
+            rec, stats, where = launch.get(cluster.scheduler.partial.remote(), timeout=10)
+        summaries[current] = failed_summary(current, str(exc), rec, stats, where, cfg)
+        if rec is not None:
+            records.append(rec)
+    done = [n for n in names if summaries.get(n, {}).get("status") == "ok"]
+    extra = {**extra, "status": "failed", "error": str(exc), "failed_policy": current,
+             "not_run": [n for n in names if n not in summaries]}
+    msg = f"{exc} (policy {current}; finished: {', '.join(done) or 'none'})"
+    return PartialRunError(msg, summaries, records, extra)

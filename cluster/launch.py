@@ -8,6 +8,13 @@ goes over zmq (:mod:`actors.transport`). Actor bodies are the plain classes of
 
 Local runs (no ``address``) start an embedded Ray with the dashboard off, bind loopback only,
 and shut Ray down again when the cluster is closed.
+
+Faults: each device also connects a heartbeat DEALER (identity ``<name>.hb``) to the
+scheduler. With ``emulate.recover`` NDP-unit actors are created with Ray ``max_restarts``: a
+unit whose process dies is re-created by Ray with the same arguments, reconnects with the same
+identity (the ROUTER hands the identity over), greets with a new ``incarnation`` (its pid) and
+the scheduler re-warms it and re-dispatches its interrupted task. The GPU is never restarted:
+it holds the hidden states, so losing it fails the run.
 """
 
 from __future__ import annotations
@@ -36,12 +43,22 @@ def _one_blas_thread() -> Any:
     return threadpool_limits(limits=1)
 
 
+MAX_UNIT_RESTARTS = 4  # per NDP-unit actor, with emulate.recover
+
+
+def _exit_now() -> None:
+    """An injected ``kill``: the process dies as a crashed one would (Ray may restart it)."""
+    os._exit(1)
+
+
 class _DeviceActor:
-    """Ray body of a GPU or NDP-unit actor: a device served on a zmq DEALER in a thread."""
+    """Ray body of a GPU or NDP-unit actor: a device served on a zmq DEALER in a thread,
+    with a heartbeat on a second DEALER (zmq sockets are not shared between threads)."""
 
     def __init__(self, cfg: Config, kind: str, unit: int, scale: float, endpoint: str) -> None:
         from actors.devices import DeviceServer, GpuDevice, NdpUnit
         from actors.transport import ZmqDealer
+        from cluster.faults import parse_inject
 
         self._blas = _one_blas_thread()
         self.kind, self.unit = kind, unit
@@ -49,7 +66,13 @@ class _DeviceActor:
         identity = b"gpu" if kind == "gpu" else f"ndp{unit}".encode()
         self.transport = ZmqDealer(identity, router_id=b"sched")
         self.transport.connect(endpoint)
-        self.server = DeviceServer(device, self.transport)
+        # a late heartbeat is worthless: never block on it, keep only a few queued
+        self.heartbeat = ZmqDealer(identity + b".hb", router_id=b"sched", send_timeout_s=0.0, hwm=4)
+        self.heartbeat.connect(endpoint)
+        doomed = kind == "ndp" and any(k.unit == unit for k in parse_inject(cfg.emulate.inject).kills)
+        self.server = DeviceServer(device, self.transport, heartbeat=self.heartbeat,
+                                   incarnation=os.getpid(), announce_to=b"sched",
+                                   on_die=_exit_now if doomed else None)
         self.server.start()
 
     def info(self) -> dict[str, Any]:
@@ -62,6 +85,7 @@ class _DeviceActor:
     def stop(self) -> None:
         self.server.stop()
         self.transport.close()
+        self.heartbeat.close()
 
 
 class _SchedulerActor:
@@ -119,6 +143,10 @@ class _SchedulerActor:
 
         return self.core.run_policy(name, dilation, calibrate=calibrate,
                                     max_decode_steps=max_decode_steps, progress=tick)
+
+    def partial(self):
+        """The last run's records, stats and (phase, step, layer), finished or failed."""
+        return self.core.partial()
 
     def collect(self) -> np.ndarray:
         return self.core.collect()
@@ -213,6 +241,8 @@ def start(cfg: Config, routing: Routing, scale: float, address: str | None = Non
         unit_opts = [opts] * cfg.ndp.num_ndp_units
         if not local:
             pg, unit_opts = _unit_placement(cfg, ready_timeout_s)
+        if cfg.emulate.recover:
+            unit_opts = [{**o, "max_restarts": MAX_UNIT_RESTARTS} for o in unit_opts]
         units = [ray.remote(_DeviceActor).options(**unit_opts[u]).remote(cfg, "ndp", u, scale, endpoint)
                  for u in range(cfg.ndp.num_ndp_units)]
         peers = [b"gpu", *(f"ndp{u}".encode() for u in range(cfg.ndp.num_ndp_units))]

@@ -3,6 +3,11 @@
 ``run`` resolves policy names, builds the routing once, runs every policy on the chosen engine
 (with a progress bar), adds speedups over ``monde`` and writes ``summary.json``, the CSVs, the
 trace and the plots. Both engines come through here; Ray is imported only for ``emulate``.
+
+An emulated run that fails part-way still writes the run directory: ``summary.json`` with the
+policies that finished, the failing one marked ``"status": "failed"`` with its error and the
+records it had, the CSVs and the trace (no plots); then the error is raised again, naming
+the directory, so the command line exits non-zero with one paragraph.
 """
 
 from __future__ import annotations
@@ -58,11 +63,16 @@ def run(cfg: Config, policy_names: Sequence[str], engine: str = "analytic",
     run_dir = Path(out) if out else report.new_run_dir(engine=engine)
     run_dir.mkdir(parents=True, exist_ok=True)
     routing = build_routing(cfg)
+    failure = None
     if engine == "emulate":
-        from cluster.emulate import run_emulation  # imports Ray
+        from cluster.emulate import PartialRunError, run_emulation  # imports Ray
 
-        summaries, records, extra = run_emulation(cfg, routing, names, run_dir, console=console,
-                                                  progress=progress, **engine_opts)
+        try:
+            summaries, records, extra = run_emulation(cfg, routing, names, run_dir, console=console,
+                                                      progress=progress, **engine_opts)
+        except PartialRunError as exc:
+            failure = exc
+            summaries, records, extra = exc.summaries, exc.records, exc.extra
     else:
         summaries, records = {}, []
         steps = routing.decode_steps + 1
@@ -87,6 +97,10 @@ def run(cfg: Config, policy_names: Sequence[str], engine: str = "analytic",
     report.write_summary(run_dir, cfg, engine, summaries, extra)
     report.write_records(run_dir, records)
     report.write_trace(run_dir, records)
+    if failure is not None:
+        from cluster.errors import EmulationError
+
+        raise EmulationError(f"{failure}; partial results in {run_dir / 'summary.json'}") from failure
     if plots:
         report.write_plots(run_dir, summaries, records)
     return RunResult(run_dir, summaries, records)

@@ -334,6 +334,12 @@ class EmulateSpec:
     ``placement_strategy``: how NDP-unit actors are spread over the nodes of a Ray cluster
     (a placement group with one bundle per unit; bundles ask for the custom resource
     ``ndp_slot`` when the cluster offers enough of it). Ignored by local runs.
+
+    Faults (DESIGN.md section 9): every device sends a heartbeat every second; a device the
+    scheduler waits on that stays silent for ``heartbeat_timeout_s`` is declared dead.
+    ``recover``: a dead NDP unit is restarted by Ray, rejoins and the interrupted step is
+    re-dispatched (a dead GPU stays fatal: it holds the hidden state). ``inject``: faults to
+    inject, ``;``-separated (grammar in :mod:`cluster.faults`).
     """
 
     SECTION: ClassVar[str] = "emulate"
@@ -341,12 +347,23 @@ class EmulateSpec:
     target_fidelity: float = 0.05
     recv_timeout_s: float = 30.0
     placement_strategy: str = "SPREAD"
+    heartbeat_timeout_s: float = 3.0
+    recover: bool = False
+    inject: str = ""
 
     def __post_init__(self) -> None:
+        from cluster.faults import parse_inject
+
         _non_negative(self.SECTION, self, "dilation")
         _positive(self.SECTION, self, "target_fidelity", "recv_timeout_s")
         _check(self.SECTION, "placement_strategy", self.placement_strategy,
                self.placement_strategy in PLACEMENT_STRATEGIES, f"one of {', '.join(PLACEMENT_STRATEGIES)}")
+        hb = self.heartbeat_timeout_s
+        _check(self.SECTION, "heartbeat_timeout_s", hb,
+               isinstance(hb, (int, float)) and not isinstance(hb, bool) and 2 <= hb <= 60,
+               "a number in 2..60 (seconds; devices send a heartbeat every second)")
+        _check(self.SECTION, "recover", self.recover, isinstance(self.recover, bool), "true or false")
+        parse_inject(self.inject)  # raises ConfigError naming emulate.inject and the grammar
 
 
 @dataclass(frozen=True)
@@ -406,7 +423,11 @@ def _gb(nbytes: float) -> str:
 
 
 def check_fits(cfg: Config) -> None:
-    """Checks across sections: the model must fit its memories, with the numbers if not."""
+    """Checks across sections: the model must fit its memories, with the numbers if not;
+    injected faults name units and steps that exist."""
+    from cluster.faults import check_against
+
+    check_against(cfg)
     m, n = cfg.model, cfg.ndp
     per_unit_experts = math.ceil(m.num_experts / n.num_ndp_units)
     per_unit = m.num_layers * per_unit_experts * m.expert_bytes

@@ -185,7 +185,7 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False)
             pieces = [(t, t.col_end - t.col_start) for t in unit_tasks[u]]
             pieces += [(t, hi - lo) for (lo, hi), tasks in slices[u] for t in tasks]
             for task, width in pieces:
-                dur = cost.ndp_expert_s(len(task.tokens), width / d_ff)
+                dur = cost.ndp_unit_expert_s(u, len(task.tokens), width / d_ff)
                 intervals.append(Interval(f"ndp{u}", "expert", t_u, t_u + dur,
                                           f"L{plan.layer} e{task.expert}"))
                 t_u += dur
@@ -247,13 +247,16 @@ def _unit_loads(unit_tasks: list[list[Task]], groups: dict[tuple[int, int], list
     """Per unit: busy seconds, tokens it needs, and its tensor-parallel slices.
 
     A group of :data:`ALL_UNITS` tasks sharing a column range gives each unit a slice of at
-    most two distinct widths, so its cost is computed once per width, not once per unit.
+    most two distinct widths, so its cost is computed once per width, not once per unit (then
+    scaled by the unit's slow-down factor, ``cost.unit_factor``).
     """
+    factor = cost.unit_factor
     work = [0.0] * num_units
     token_sets: list[set[int] | None] = [None] * num_units
     for u, tasks in enumerate(unit_tasks):
         for task in tasks:
-            work[u] += cost.ndp_expert_s(len(task.tokens), (task.col_end - task.col_start) / d_ff)
+            work[u] += cost.ndp_unit_expert_s(u, len(task.tokens),
+                                              (task.col_end - task.col_start) / d_ff)
         if tasks:
             token_sets[u] = set().union(*(t.tokens for t in tasks))
     slices: list[list[tuple[tuple[int, int], list[Task]]]] = [[] for _ in range(num_units)]
@@ -268,7 +271,7 @@ def _unit_loads(unit_tasks: list[list[Task]], groups: dict[tuple[int, int], list
                 continue
             if w not in per_width:
                 per_width[w] = sum(cost.ndp_expert_s(len(t.tokens), w / d_ff) for t in tasks)
-            work[u] += per_width[w]
+            work[u] += per_width[w] * factor[u]
             member[u].append(gi)
             slices[u].append(((lo + a, lo + b), tasks))
     toks = [0] * num_units
@@ -289,6 +292,8 @@ def lower_bound_s(plan: Plan, cost: CostModel, num_units: int) -> float:
 
     ``max(NDP bytes / all NDP bandwidth, NDP flops / all NDP compute, link bytes / link
     bandwidth, GPU roofline time of its tasks)``; launch overheads and latencies left out.
+    A unit slowed ``f`` times counts for ``1 / f`` of a unit in "all NDP" (the work, however
+    split, cannot finish sooner than on units of that total speed).
     """
     d_ff = cost.cfg.model.d_ff
     ndp_bytes = ndp_flops = gpu_s = 0.0
@@ -300,5 +305,6 @@ def lower_bound_s(plan: Plan, cost: CostModel, num_units: int) -> float:
             ndp_bytes += nbytes
             ndp_flops += flops
     link = sum(cost.expert_bytes * (f.col_end - f.col_start) / d_ff for f in plan.fetches)
-    return max(ndp_bytes / (num_units * cost.ndp_bw), ndp_flops / (num_units * cost.ndp_flops),
+    speed = cost.unit_speed_sum if len(cost.unit_factor) == num_units else num_units
+    return max(ndp_bytes / (speed * cost.ndp_bw), ndp_flops / (speed * cost.ndp_flops),
                link / cost.link_bw, gpu_s)

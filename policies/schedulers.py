@@ -153,6 +153,10 @@ class TensorParallelLoadBalanced(TensorParallel):
         cost, bounds, d_ff = self.cost, self.bounds, self.d_ff
         U, F = len(bounds), len(order)
         widths = [hi - lo for lo, hi in bounds]
+        # a slowed unit's work is its healthy work times its factor, as in time_plan; with
+        # d_ff < N some units get no slice, so map each non-empty slice to its real unit
+        slice_units = [u for u, (lo, hi) in enumerate(tp_bounds(d_ff, self.num_units)) if hi > lo]
+        factor = [cost.unit_factor[u] for u in slice_units]
         distinct = sorted(set(widths))
         ntok = [len(step.routed[e]) for e in order]
         # suffix sums of unit work (one per distinct slice width) and suffix token-union sizes
@@ -179,7 +183,7 @@ class TensorParallelLoadBalanced(TensorParallel):
             units = U if m < F else 0
             if units:
                 t_a = cost.transfer_s(cost.activation_bytes(suffix_toks[m]))
-                rel = sorted(((u + 1) * t_a + suffix[widths[u]][m], u) for u in range(U))
+                rel = sorted(((u + 1) * t_a + suffix[widths[u]][m] * factor[u], u) for u in range(U))
                 busy = [(u * t_a, (u + 1) * t_a) for u in range(U)]
                 link_t = U * t_a
                 for done, _ in rel:
