@@ -49,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dilation", type=float, default=None,
                    help="emulate: wall-clock seconds per emulated second (default: calibrated)")
     r.add_argument("--address", default=None, help="emulate: attach to a Ray cluster (auto|HOST:PORT)")
+    r.add_argument("--inject", action="append", default=[], metavar="SPEC",
+                   help="emulate: inject a fault (repeatable): kill:ndpK@stepS (unit K dies at "
+                        "decode step S), slow:ndpKxF (unit K computes F times slower), "
+                        "delay:link+Nus (link latency + N us), drop:P (each message lost with "
+                        "probability P, retried)")
+    r.add_argument("--recover", action="store_true",
+                   help="emulate: a dead NDP unit is restarted by Ray, regenerates its weights and "
+                        "its interrupted step is re-dispatched (outputs unchanged; lost time "
+                        "reported separately); a dead GPU stays fatal")
     r.add_argument("--save-outputs", action="store_true",
                    help="emulate: write final hidden states per policy to outputs.npz")
 
@@ -116,15 +125,21 @@ def _emulate_defaults(overrides: list[str]) -> list[str]:
 
 def cmd_run(args: argparse.Namespace, console) -> int:
     from cluster.config import load_config
+    from cluster.faults import inject_overrides
     from cluster.report import results_table
     from cluster.runner import DEFAULT_POLICIES, run
 
-    overrides = list(args.overrides)
+    overrides = list(args.overrides) + inject_overrides(args.inject)
+    if args.recover:
+        overrides.append("emulate.recover=true")
     if args.dilation is not None:
         overrides.append(f"emulate.dilation={args.dilation}")
     if args.engine == "emulate":
         overrides = _emulate_defaults(overrides)
     cfg = load_config(args.system, args.model, args.model_config, overrides)
+    if args.engine == "analytic" and any(x.split(":")[0] in ("kill", "drop") for x in args.inject):
+        console.print("[yellow]note:[/] the analytic engine models slow: and delay: faults only; "
+                      "kill: and drop: act on the emulation cluster (--engine emulate)")
     names = args.policies or list(DEFAULT_POLICIES)
     opts = {}
     if args.engine == "emulate":

@@ -105,6 +105,7 @@ class PartialRunError(EmulationError):
                  records: list[PolicyRecords], extra: dict[str, Any]) -> None:
         super().__init__(message)
         self.summaries, self.records, self.extra = summaries, records, extra
+        self.interrupted = False  # stopped by Ctrl-C/SIGTERM rather than by a fault
 
 
 def _fault_fields(stats) -> dict[str, Any]:
@@ -231,6 +232,11 @@ def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path
         extra["emulation"]["node_ids"] = cluster.node_ids()
     except EmulationError as exc:
         raise _partial(cluster, cfg, current, names, exc, summaries, records, extra) from exc
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (cluster.cli): stop, keep what there is
+        err = EmulationError("interrupted by the user (Ctrl-C or SIGTERM)")
+        partial = _partial(cluster, cfg, current, names, err, summaries, records, extra)
+        partial.interrupted = True
+        raise partial from None
     finally:
         cluster.close()
     if save_outputs:

@@ -203,23 +203,25 @@ def results_table(summaries: dict[str, dict[str, Any]], engine: str, title: str 
         t.add_column("overruns", justify="right", no_wrap=True)
     if not emulate:
         t.add_column("TTFT", justify="right", no_wrap=True)
-    t.add_column("TPOT", justify="right", no_wrap=True)
+        t.add_column("TPOT", justify="right", no_wrap=True)
     t.add_column("vs monde", justify="right", no_wrap=True)
     if not emulate:
         t.add_column("max/mean", justify="right", no_wrap=True)
         t.add_column("GPU", justify="right", no_wrap=True)
-    t.add_column("hit", justify="right", no_wrap=True)
+        t.add_column("hit", justify="right", no_wrap=True)
     for name, s in summaries.items():
         sp = s.get("speedup_vs_monde")
         row = [name, fmt_s(s.get("emulated_e2e_latency_s", s["e2e_latency_s"]))]
         if emulate:
             row += [fmt_s(s.get("analytic_e2e_latency_s")), f"{s.get('fidelity_error', float('nan')) * 100:.2f}%",
                     f"{s.get('dilation', 0):.0f}x", f"{s.get('overruns', 0)}/{s.get('paced_segments', 0)}"]
+            if s.get("recoveries"):
+                row[-1] += f" ({s['recoveries']} recovered)"
         else:
-            row += [fmt_s(s["ttft_s"])]
-        row += [fmt_s(s["tpot_s"]), f"{sp:.2f}x" if sp else "-"]
+            row += [fmt_s(s["ttft_s"]), fmt_s(s["tpot_s"])]
+        row += [f"{sp:.2f}x" if sp else "-"]
         if not emulate:
-            row += [f"{s['max_over_mean']:.3f}", f"{s['gpu_util'] * 100:.1f}%"]
-        row += [f"{s['prefetch_hit_rate'] * 100:.0f}%"]
+            row += [f"{s['max_over_mean']:.3f}", f"{s['gpu_util'] * 100:.1f}%",
+                    f"{s['prefetch_hit_rate'] * 100:.0f}%"]
         t.add_row(*row)
     return t

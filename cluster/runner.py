@@ -100,6 +100,8 @@ def run(cfg: Config, policy_names: Sequence[str], engine: str = "analytic",
     if failure is not None:
         from cluster.errors import EmulationError
 
+        if failure.interrupted:
+            raise KeyboardInterrupt
         raise EmulationError(f"{failure}; partial results in {run_dir / 'summary.json'}") from failure
     if plots:
         report.write_plots(run_dir, summaries, records)
