@@ -24,11 +24,10 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from policies.base import StepInput
-from policies.plan import Fetch, Plan, Task
+from policies.plan import ALL_UNITS, Task, tp_bounds
 from policies.prefetch import Key, PrefetchContext, Prefetcher, PrefillFrequency
 from policies.registry import register
-from policies.schedulers import TensorParallel
+from policies.schedulers import MoNDE
 
 # --- pure helpers -----------------------------------------------------------------------------
 
@@ -103,7 +102,7 @@ def top_scored(scores: np.ndarray, m: int) -> list[int]:
 # --- schedulers -------------------------------------------------------------------------------
 
 @register("scheduler", "monde-tp")
-class MondeTensorParallel(TensorParallel):
+class MondeTensorParallel(MoNDE):
     """MoNDE's hot/cold rule with cold experts tensor-parallel over all NDP units.
 
     Cached (pinned) experts run on the GPU. Per other expert, with its routed token count n:
@@ -117,30 +116,16 @@ class MondeTensorParallel(TensorParallel):
     makespan-minimising version of this split is ``tp-lb``).
     """
 
-    def plan(self, step: StepInput) -> Plan:
-        cost, d_ff = self.cost, self.d_ff
-        widest = max(hi - lo for lo, hi in self.bounds) / d_ff
-        fetch_s = cost.fetch_s()
-        tasks: list[Task] = []
-        hot: list[tuple[int, int]] = []
-        for e, toks in step.routed.items():
-            n = len(toks)
-            if e in step.cached:
-                tasks.append(self.gpu_task(e, toks))
-            elif fetch_s + cost.gpu_expert_s(n) < cost.ndp_expert_s(n, widest):
-                hot.append((-n, e))
-            else:
-                tasks.extend(self.ndp_tasks(e, toks))
-        hot.sort()
-        fetches: list[Fetch] = []
-        for i, (_, e) in enumerate(hot):
-            toks = step.routed[e]
-            if i < self.max_fetch:
-                fetches.append(Fetch(e, 0, d_ff))
-                tasks.append(self.gpu_task(e, toks))
-            else:
-                tasks.extend(self.ndp_tasks(e, toks))
-        return Plan(step.layer, tuple(tasks), tuple(fetches))
+    def __init__(self, cfg, cost) -> None:
+        super().__init__(cfg, cost)
+        self.bounds = [b for b in tp_bounds(self.d_ff, self.num_units) if b[1] > b[0]]
+        self.widest = max(hi - lo for lo, hi in self.bounds) / self.d_ff
+
+    def ndp_time_s(self, n: int) -> float:
+        return self.cost.ndp_expert_s(n, self.widest)
+
+    def cold_tasks(self, e: int, toks: tuple[int, ...]) -> list[Task]:
+        return [Task(ALL_UNITS, e, 0, self.d_ff, toks)]
 
 
 # --- prefetchers ------------------------------------------------------------------------------

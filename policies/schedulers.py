@@ -34,6 +34,14 @@ class MoNDE(Scheduler):
     are fetched per step, most tokens first.
     """
 
+    def ndp_time_s(self, n: int) -> float:
+        """What computing an expert for ``n`` tokens costs where it lives (its home unit)."""
+        return self.cost.ndp_expert_s(n)
+
+    def cold_tasks(self, e: int, toks: tuple[int, ...]) -> list[Task]:
+        """Where a cold expert runs: whole, on its home unit."""
+        return [Task(e % self.num_units, e, 0, self.d_ff, toks)]
+
     def plan(self, step: StepInput) -> Plan:
         cost, d_ff = self.cost, self.d_ff
         fetch_s = cost.fetch_s()
@@ -43,10 +51,10 @@ class MoNDE(Scheduler):
             n = len(toks)
             if e in step.cached:
                 tasks.append(self.gpu_task(e, toks))
-            elif fetch_s + cost.gpu_expert_s(n) < cost.ndp_expert_s(n):
+            elif fetch_s + cost.gpu_expert_s(n) < self.ndp_time_s(n):
                 hot.append((-n, e))
             else:
-                tasks.append(Task(e % self.num_units, e, 0, d_ff, toks))
+                tasks.extend(self.cold_tasks(e, toks))
         hot.sort()
         fetches = []
         for i, (_, e) in enumerate(hot):
@@ -55,7 +63,7 @@ class MoNDE(Scheduler):
                 fetches.append(Fetch(e, 0, d_ff))
                 tasks.append(self.gpu_task(e, toks))
             else:
-                tasks.append(Task(e % self.num_units, e, 0, d_ff, toks))
+                tasks.extend(self.cold_tasks(e, toks))
         return Plan(step.layer, tuple(tasks), tuple(fetches))
 
 
