@@ -308,7 +308,7 @@ class Dispatcher:
         self._depth += 1
         try:
             while True:
-                open_ = {t: p for t, p in waiting.items() if t not in self.inbox}
+                open_ = [t for t in waiting if t not in self.inbox]
                 if not open_:
                     break
                 now = wall_now()
@@ -321,8 +321,20 @@ class Dispatcher:
                                 and now - p.last_s >= p.retry_after_s):
                             p.retry_after_s = min(2 * p.retry_after_s, RETRY_MAX_S)
                             self._transmit(t, "retry")
-                peers = set(open_.values())
-                if hb:
+                # A peer's silence is counted from this wait's start at the earliest, so nobody
+                # can be silent for longer than the wait has lasted: the usual fast reply skips
+                # the bookkeeping below altogether.
+                if not (hb and now - start > hb) and not self.down:
+                    got = self.tr.recv(min(POLL_S, max(0.0, deadline - now)))
+                    if got is not None:
+                        self._handle(got[0], got[1], what)
+                    elif now > deadline:
+                        names = ", ".join(sorted({waiting[t].decode() for t in open_}))
+                        raise EmulationError(f"no reply from {names} within {timeout:g} s while "
+                                             f"awaiting {what}")
+                    continue
+                peers = {waiting[t] for t in open_}
+                if hb and now - start > hb:
                     for peer in sorted(peers - set(self.down)):
                         silent = now - max(self.last_seen.get(peer, start), start)
                         if silent > hb:
