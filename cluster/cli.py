@@ -153,8 +153,12 @@ def cmd_run(args: argparse.Namespace, console) -> int:
               plots=not args.no_plots, **opts)
     console.print(results_table(res.summaries, args.engine))
     if "paper" in res.summaries and res.summaries["paper"].get("speedup_vs_monde"):
+        short = w.prompt_tokens != 512 or w.output_tokens != 512
         console.print(f"paper vs monde: [bold]{res.summaries['paper']['speedup_vs_monde']:.2f}x[/] "
-                      "end-to-end speedup (the paper reports 2.41x average, 2.56x max)")
+                      f"end-to-end speedup at {w.prompt_tokens} in / {w.output_tokens} out (the paper "
+                      "reports 2.41x average, 2.56x max at 512 / 512"
+                      + ("; for that workload: ndpmoe run --engine analytic, or ndpmoe reproduce)"
+                         if short else ")"))
     console.print(f"run directory: {res.run_dir}")
     return 0
 
