@@ -32,6 +32,17 @@ zmq sockets are sent from with ``copy=False`` (pyzmq copies frames under
 ``recv`` returns ``zmq.Frame`` objects that ``wire.decode`` views without copying. A zmq
 transport must be used from one thread only. Sockets close with linger 0; a context the
 transport created is terminated on close, which ends its I/O threads.
+
+Security (DESIGN.md section 9): a router binds loopback only in a local run (:meth:`ZmqRouter.bind`).
+Optionally (``emulate.curve``) the data plane is authenticated and encrypted with CURVE: the
+router is a CURVE server with its own :class:`CurveKeys` and lets in only the client public keys
+it was given (a ZAP authenticator thread on its context; a handshake with any other key, or with
+no key, fails before a single message is delivered), and each dealer presents its own keypair
+and the server's public key. Each client key is also bound to the identities it may use (a
+device's ``name`` and ``name.hb``): a message whose identity does not belong to the key that
+authenticated its connection is dropped and counted (:attr:`ZmqRouter.impostors`). Keys are
+never sent over zmq; the launcher hands them out through Ray (:mod:`cluster.launch`). Without
+``curve`` nothing of this runs and the sockets are exactly as before.
 """
 
 from __future__ import annotations
@@ -40,10 +51,14 @@ import ipaddress
 import math
 import queue
 import threading
-from collections.abc import Sequence
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import zmq
+from zmq.utils import z85
 
 from cluster.errors import EmulationError
 
@@ -52,6 +67,7 @@ Frames = Sequence[Any]
 
 DEFAULT_SEND_TIMEOUT_S = 5.0
 DEFAULT_HWM = 1000
+ZAP_BIND_WAIT_S = 1.0  # a CURVE router waits this long for its context's ZAP name to be free
 
 
 class Transport(Protocol):
@@ -94,6 +110,70 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def require_curve() -> None:
+    """Raises EmulationError unless this libzmq supports CURVE (``zmq.has("curve")``)."""
+    if not zmq.has("curve"):
+        raise EmulationError(
+            f"CURVE authentication (emulate.curve) is on, but this libzmq {zmq.zmq_version()} "
+            f"(pyzmq {zmq.__version__}) was built without it: zmq.has('curve') is False. Install "
+            "a pyzmq wheel (it bundles a libzmq with CURVE) or turn emulate.curve off")
+
+
+def _z85_key(value: Any, what: str) -> bytes:
+    """A CURVE key as its 40-character Z85 text; never echoes the value (it may be a secret)."""
+    if isinstance(value, str):
+        value = value.encode("ascii", "replace")
+    if not isinstance(value, bytes) or len(value) != 40:
+        raise ValueError(f"{what} must be a 40-character Z85 CURVE key "
+                         f"(as zmq.curve_keypair() makes), got {type(value).__name__}")
+    try:
+        z85.decode(value)
+    except (ValueError, KeyError, IndexError) as exc:
+        raise ValueError(f"{what} is not valid Z85 text") from exc
+    return value
+
+
+@dataclass(frozen=True, repr=False)
+class CurveKeys:
+    """One CURVE keypair, Z85-encoded (40 bytes each). ``repr`` never shows the secret."""
+
+    public: bytes
+    secret: bytes
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "public", _z85_key(self.public, "CURVE public key"))
+        object.__setattr__(self, "secret", _z85_key(self.secret, "CURVE secret key"))
+        if zmq.has("curve") and zmq.curve_public(self.secret) != self.public:
+            raise ValueError("CURVE public key does not belong to the secret key")
+
+    @classmethod
+    def generate(cls) -> CurveKeys:
+        """A fresh keypair (``zmq.curve_keypair()``); EmulationError without CURVE support."""
+        require_curve()
+        public, secret = zmq.curve_keypair()
+        return cls(public, secret)
+
+    def __repr__(self) -> str:
+        return f"CurveKeys(public={self.public!r}, secret=<hidden>)"
+
+
+class _KnownClients:
+    """ZAP credentials provider: lets a CURVE client in only if its public key is known.
+
+    ``callback`` runs on the authenticator's thread; ``denied`` counts refused handshakes.
+    """
+
+    def __init__(self, keys: Iterable[bytes]) -> None:
+        self.keys = frozenset(keys)
+        self.denied = 0
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        ok = key in self.keys
+        if not ok:
+            self.denied += 1
+        return ok
+
+
 class _ZmqSocket:
     """Shared plumbing of the two zmq transports: options, timeouts, errors, close."""
 
@@ -118,6 +198,15 @@ class _ZmqSocket:
             raise
         self._rcvtimeo = -2  # not yet set; the socket default is -1 (forever), never used
         self._closed = False
+        self._auth: Any = None  # a router's ZAP authenticator (CURVE only)
+
+    def _fail_init(self) -> None:
+        """Undo a half-done constructor (its caller re-raises): close what was made."""
+        self._sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        if self._own_context:
+            self._ctx.destroy(linger=0)
 
     @property
     def socket(self) -> zmq.Socket:
@@ -155,6 +244,9 @@ class _ZmqSocket:
             return
         self._closed = True
         self._sock.close(linger=0)
+        if self._auth is not None:  # after the socket: no connection is ever let in unchecked
+            self._auth.stop()
+            self._auth = None
         if self._own_context:
             self._ctx.term()
 
@@ -166,7 +258,15 @@ class _ZmqSocket:
 
 
 class ZmqRouter(_ZmqSocket):
-    """A bound ROUTER socket; peers are the identities of the dealers connected to it."""
+    """A bound ROUTER socket; peers are the identities of the dealers connected to it.
+
+    With ``curve`` (the router's keypair) it is a CURVE server that admits only the client
+    public keys in ``clients``, each mapped to the identities that key may use, e.g.
+    ``{ndp0_keys.public: [b"ndp0", b"ndp0.hb"]}``. A ZAP authenticator thread runs on the
+    router's context from construction (before any bind) until :meth:`close`; a context holds
+    one ZAP handler, so two CURVE routers cannot share a context. ``denied`` counts refused
+    CURVE handshakes, ``impostors`` messages dropped for using an identity their key may not.
+    """
 
     def __init__(
         self,
@@ -174,11 +274,68 @@ class ZmqRouter(_ZmqSocket):
         *,
         send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S,
         hwm: int = DEFAULT_HWM,
+        curve: CurveKeys | None = None,
+        clients: Mapping[bytes, Iterable[bytes]] | None = None,
     ) -> None:
+        self._bound: dict[str, frozenset[bytes]] | None = None  # User-Id -> identities (CURVE)
+        self._known: _KnownClients | None = None
+        self.impostors = 0
+        if curve is None:
+            if clients is not None:
+                raise ValueError("clients are CURVE client keys: give the router's curve keys too")
+        else:
+            require_curve()
+            if not isinstance(curve, CurveKeys):
+                raise TypeError(f"curve must be CurveKeys, got {type(curve).__name__}")
+            if not clients:
+                raise ValueError("a CURVE router needs clients: {client public key: identities}")
+            bound = {}
+            for key, ids in clients.items():
+                ids = frozenset(ids)
+                if not ids or not all(isinstance(i, bytes) and i for i in ids):
+                    raise ValueError("each CURVE client needs non-empty bytes identities")
+                bound[_z85_key(key, "CURVE client public key").decode("ascii")] = ids
+            self._bound = bound
         super().__init__(zmq.ROUTER, context, send_timeout_s, hwm)
-        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        try:
+            self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            if curve is not None:
+                self._start_curve(curve)
+        except BaseException:
+            self._fail_init()
+            raise
         self.endpoint: str | None = None
+
+    def _start_curve(self, curve: CurveKeys) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self._sock.curve_secretkey = curve.secret
+        self._sock.curve_publickey = curve.public
+        self._sock.curve_server = True
+        self._known = _KnownClients(k.encode("ascii") for k in self._bound)
+        # zmq frees a closed socket's inproc name a moment later, so the ZAP name of a router
+        # just closed on a shared context may still be taken: try again for a short while
+        deadline = time.monotonic() + ZAP_BIND_WAIT_S
+        while True:
+            auth = ThreadAuthenticator(self._ctx)
+            auth.pipe_endpoint = f"inproc://ndpmoe-zap-pipe-{uuid.uuid4().hex}"  # never reused
+            auth.configure_curve_callback(domain="*", credentials_provider=self._known)
+            try:
+                auth.start()
+                break
+            except zmq.ZMQError as exc:
+                auth.stop()  # closes the ZAP socket it made
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    raise EmulationError(f"cannot start the CURVE authenticator: {exc} "
+                                         "(one CURVE router per zmq context)") from exc
+                time.sleep(0.005)
+        self._auth = auth
+
+    @property
+    def denied(self) -> int:
+        """CURVE handshakes refused because the client's key is unknown (0 without CURVE)."""
+        return 0 if self._known is None else self._known.denied
 
     def bind(self, host: str = "127.0.0.1", port: int = 0, *, local: bool = True) -> str:
         """Bind on ``host:port`` (0: any free port) and return the real ``tcp://`` endpoint.
@@ -206,7 +363,7 @@ class ZmqRouter(_ZmqSocket):
         self._send_frames([peer, *frames], repr(peer))
 
     def recv(self, timeout_s: float) -> tuple[bytes, list[Any]] | None:
-        got = self._recv_frames(timeout_s)
+        got = self._recv_frames(timeout_s) if self._bound is None else self._recv_vetted(timeout_s)
         if got is None:
             return None
         if len(got) < 2:  # a ROUTER always prepends the identity; an empty message is noise
@@ -214,8 +371,34 @@ class ZmqRouter(_ZmqSocket):
         return (got[0].bytes, got[1:])
 
 
+    def _key_owns(self, ident: zmq.Frame) -> bool:
+        """Whether the CURVE key that authenticated this message may use its identity."""
+        try:
+            uid = ident.get("User-Id")
+        except zmq.ZMQError:  # no metadata: not an authenticated connection
+            uid = None
+        if ident.bytes in self._bound.get(uid, ()):
+            return True
+        self.impostors += 1
+        return False
+
+    def _recv_vetted(self, timeout_s: float) -> list[zmq.Frame] | None:
+        """Like ``_recv_frames``, skipping messages whose key may not use their identity."""
+        _timeout_ms(timeout_s)  # the same argument check, before any arithmetic on it
+        deadline = time.monotonic() + timeout_s
+        while True:
+            got = self._recv_frames(max(0.0, deadline - time.monotonic()))
+            if got is None or self._key_owns(got[0]):
+                return got
+
+
 class ZmqDealer(_ZmqSocket):
-    """A DEALER with identity ``identity`` connected to one router, its only peer."""
+    """A DEALER with identity ``identity`` connected to one router, its only peer.
+
+    With ``curve`` (this client's keypair) and ``server_key`` (the router's public key) it is a
+    CURVE client: its connection is encrypted, and a router that does not know its key refuses
+    it (messages then wait in the queue, and sends time out once it is full).
+    """
 
     def __init__(
         self,
@@ -225,14 +408,31 @@ class ZmqDealer(_ZmqSocket):
         router_id: bytes = b"router",
         send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S,
         hwm: int = DEFAULT_HWM,
+        curve: CurveKeys | None = None,
+        server_key: bytes | None = None,
     ) -> None:
         if not isinstance(identity, bytes) or not identity or identity.startswith(b"\0"):
             # zmq reserves identities starting with a zero byte for generated ones
             raise ValueError(
                 f"identity must be non-empty bytes not starting with 0, got {identity!r}"
             )
+        if (curve is None) != (server_key is None):
+            raise ValueError("a CURVE dealer needs both its own keys (curve) and server_key")
+        if curve is not None:
+            require_curve()
+            if not isinstance(curve, CurveKeys):
+                raise TypeError(f"curve must be CurveKeys, got {type(curve).__name__}")
+            server_key = _z85_key(server_key, "CURVE server public key")
         super().__init__(zmq.DEALER, context, send_timeout_s, hwm)
-        self._sock.setsockopt(zmq.IDENTITY, identity)
+        try:
+            self._sock.setsockopt(zmq.IDENTITY, identity)
+            if curve is not None:
+                self._sock.curve_serverkey = server_key
+                self._sock.curve_publickey = curve.public
+                self._sock.curve_secretkey = curve.secret
+        except BaseException:
+            self._fail_init()
+            raise
         self.identity = identity
         self.router_id = router_id
 

@@ -15,6 +15,15 @@ unit whose process dies is re-created by Ray with the same arguments, reconnects
 identity (the ROUTER hands the identity over), greets with a new ``incarnation`` (its pid) and
 the scheduler re-warms it and re-dispatches its interrupted task. The GPU is never restarted:
 it holds the hidden states, so losing it fails the run.
+
+Security: with ``emulate.curve`` the data plane uses CURVE (:mod:`actors.transport`). The
+scheduler actor makes a server keypair and one client keypair per device and admits only
+those keys, each for its own device's identities (``name`` and ``name.hb``). The keys travel
+on the control plane only: the driver asks the scheduler for the server's public key and the
+device keypairs and passes each device its own keypair and the server's public key as
+constructor arguments (a restarted unit gets the same ones back from Ray). The server's secret
+key never leaves the scheduler's process, and no key is ever sent over zmq. Ray's own traffic
+is not covered: keep its ports private or turn on Ray's TLS (deploy/README.md, "Security").
 """
 
 from __future__ import annotations
@@ -55,7 +64,10 @@ class _DeviceActor:
     """Ray body of a GPU or NDP-unit actor: a device served on a zmq DEALER in a thread,
     with a heartbeat on a second DEALER (zmq sockets are not shared between threads)."""
 
-    def __init__(self, cfg: Config, kind: str, unit: int, scale: float, endpoint: str) -> None:
+    def __init__(self, cfg: Config, kind: str, unit: int, scale: float, endpoint: str,
+                 server_key: bytes | None = None, keys: Any = None) -> None:
+        """``server_key`` and ``keys`` (this device's :class:`~actors.transport.CurveKeys`):
+        the CURVE keys of both sockets when ``emulate.curve`` is on, else None."""
         from actors.devices import DeviceServer, GpuDevice, NdpUnit
         from actors.transport import ZmqDealer
         from cluster.faults import parse_inject
@@ -64,10 +76,12 @@ class _DeviceActor:
         self.kind, self.unit = kind, unit
         device = GpuDevice(cfg, scale) if kind == "gpu" else NdpUnit(cfg, unit, scale)
         identity = b"gpu" if kind == "gpu" else f"ndp{unit}".encode()
-        self.transport = ZmqDealer(identity, router_id=b"sched")
+        curve = {} if keys is None else {"curve": keys, "server_key": server_key}
+        self.transport = ZmqDealer(identity, router_id=b"sched", **curve)
         self.transport.connect(endpoint)
         # a late heartbeat is worthless: never block on it, keep only a few queued
-        self.heartbeat = ZmqDealer(identity + b".hb", router_id=b"sched", send_timeout_s=0.0, hwm=4)
+        self.heartbeat = ZmqDealer(identity + b".hb", router_id=b"sched", send_timeout_s=0.0, hwm=4,
+                                   **curve)
         self.heartbeat.connect(endpoint)
         doomed = kind == "ndp" and any(k.unit == unit for k in parse_inject(cfg.emulate.inject).kills)
         self.server = DeviceServer(device, self.transport, heartbeat=self.heartbeat,
@@ -95,18 +109,32 @@ class _SchedulerActor:
         import ray
 
         from actors.scheduler import SchedulerCore
-        from actors.transport import ZmqRouter
+        from actors.transport import CurveKeys, ZmqRouter, require_curve
 
         self._blas = _one_blas_thread()
         # cluster mode: bind this node's own address, so devices on other nodes can reach it
         host = host or ray.util.get_node_ip_address()
-        self.transport = ZmqRouter()
+        self._curve: tuple[bytes, dict[bytes, Any]] | None = None
+        curve: dict[str, Any] = {}
+        if cfg.emulate.curve:
+            require_curve()
+            server = CurveKeys.generate()
+            devices = {peer: CurveKeys.generate() for peer in _peers(cfg)}
+            curve = {"curve": server,
+                     "clients": {k.public: (peer, peer + b".hb") for peer, k in devices.items()}}
+            self._curve = (server.public, devices)
+        self.transport = ZmqRouter(**curve)
         self.endpoint_ = self.transport.bind(host, 0, local=local)
         self.core = SchedulerCore(cfg, routing, self.transport)
         self.done_tokens = 0
 
     def endpoint(self) -> str:
         return self.endpoint_
+
+    def curve_keys(self) -> tuple[bytes, dict[bytes, Any]] | None:
+        """With ``emulate.curve``: the server's public key and each device's keypair (by
+        identity) for the driver to hand out through Ray; else None."""
+        return self._curve
 
     def wait_ready(self, peers: list[bytes], timeout_s: float) -> dict[str, float]:
         """Pings every device until it answers (a DEALER connects asynchronously)."""
@@ -223,11 +251,20 @@ def init_ray(address: str | None) -> bool:
     return True
 
 
+def _peers(cfg: Config) -> list[bytes]:
+    """The devices' zmq identities: the GPU, then the NDP units."""
+    return [b"gpu", *(f"ndp{u}".encode() for u in range(cfg.ndp.num_ndp_units))]
+
+
 def start(cfg: Config, routing: Routing, scale: float, address: str | None = None,
           ready_timeout_s: float = 60.0) -> EmuCluster:
     """Creates the scheduler, the GPU and one actor per NDP unit and connects them over zmq."""
     import ray
 
+    if cfg.emulate.curve:  # before anything is launched
+        from actors.transport import require_curve
+
+        require_curve()
     started = init_ray(address)
     t0 = time.monotonic()
     local = address is None
@@ -237,15 +274,19 @@ def start(cfg: Config, routing: Routing, scale: float, address: str | None = Non
         sched = ray.remote(_SchedulerActor).options(max_concurrency=2, **opts).remote(
             cfg, routing, "127.0.0.1" if local else None, local)
         endpoint = ray.get(sched.endpoint.remote())
-        gpu = ray.remote(_DeviceActor).options(**opts).remote(cfg, "gpu", -1, scale, endpoint)
+        # CURVE keys (emulate.curve) travel on the control plane only, one keypair per device
+        server_key, keys = ray.get(sched.curve_keys.remote()) if cfg.emulate.curve else (None, {})
+        gpu = ray.remote(_DeviceActor).options(**opts).remote(cfg, "gpu", -1, scale, endpoint,
+                                                              server_key, keys.get(b"gpu"))
         unit_opts = [opts] * cfg.ndp.num_ndp_units
         if not local:
             pg, unit_opts = _unit_placement(cfg, ready_timeout_s)
         if cfg.emulate.recover:
             unit_opts = [{**o, "max_restarts": MAX_UNIT_RESTARTS} for o in unit_opts]
-        units = [ray.remote(_DeviceActor).options(**unit_opts[u]).remote(cfg, "ndp", u, scale, endpoint)
+        units = [ray.remote(_DeviceActor).options(**unit_opts[u]).remote(
+                     cfg, "ndp", u, scale, endpoint, server_key, keys.get(f"ndp{u}".encode()))
                  for u in range(cfg.ndp.num_ndp_units)]
-        peers = [b"gpu", *(f"ndp{u}".encode() for u in range(cfg.ndp.num_ndp_units))]
+        peers = _peers(cfg)
         rtt = ray.get(sched.wait_ready.remote(peers, ready_timeout_s))
     except Exception as exc:
         if pg is not None:

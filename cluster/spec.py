@@ -340,6 +340,13 @@ class EmulateSpec:
     ``recover``: a dead NDP unit is restarted by Ray, rejoins and the interrupted step is
     re-dispatched (a dead GPU stays fatal: it holds the hidden state). ``inject``: faults to
     inject, ``;``-separated (grammar in :mod:`cluster.faults`).
+
+    ``curve``: authenticate and encrypt the zmq data plane with CURVE. The scheduler makes a
+    server keypair and one keypair per device, the keys reach the devices through Ray (never
+    over zmq), and the scheduler's socket admits only those keys, so a peer without one cannot
+    inject a message or take over a device's identity. Needs a libzmq with CURVE
+    (``zmq.has("curve")``); meant for cluster runs, allowed in local ones (which bind loopback
+    anyway).
     """
 
     SECTION: ClassVar[str] = "emulate"
@@ -350,6 +357,7 @@ class EmulateSpec:
     heartbeat_timeout_s: float = 3.0
     recover: bool = False
     inject: str = ""
+    curve: bool = False
 
     def __post_init__(self) -> None:
         from cluster.faults import parse_inject
@@ -363,6 +371,7 @@ class EmulateSpec:
                isinstance(hb, (int, float)) and not isinstance(hb, bool) and 2 <= hb <= 60,
                "a number in 2..60 (seconds; devices send a heartbeat every second)")
         _check(self.SECTION, "recover", self.recover, isinstance(self.recover, bool), "true or false")
+        _check(self.SECTION, "curve", self.curve, isinstance(self.curve, bool), "true or false")
         parse_inject(self.inject)  # raises ConfigError naming emulate.inject and the grammar
 
 
