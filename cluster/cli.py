@@ -152,6 +152,14 @@ def cmd_run(args: argparse.Namespace, console) -> int:
     res = run(cfg, names, args.engine, args.out, console=console, progress=not args.quiet,
               plots=not args.no_plots, **opts)
     console.print(results_table(res.summaries, args.engine))
+    if args.engine == "emulate":
+        worse = {n: s["fidelity_error"] for n, s in res.summaries.items()
+                 if s.get("fidelity_error") is not None and s["fidelity_error"] > cfg.emulate.target_fidelity}
+        if worse:
+            console.print(f"[yellow]warning:[/] fidelity error above emulate.target_fidelity = "
+                          f"{cfg.emulate.target_fidelity:.0%} for "
+                          + ", ".join(f"{n} ({e:.1%})" for n, e in worse.items())
+                          + ": the real work did not fit its slots; raise --dilation")
     if "paper" in res.summaries and res.summaries["paper"].get("speedup_vs_monde"):
         short = w.prompt_tokens != 512 or w.output_tokens != 512
         console.print(f"paper vs monde: [bold]{res.summaries['paper']['speedup_vs_monde']:.2f}x[/] "

@@ -331,6 +331,9 @@ PLACEMENT_STRATEGIES = ("SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK")
 class EmulateSpec:
     """The Ray + zmq emulation cluster. ``dilation`` 0 means calibrate automatically.
 
+    ``target_fidelity``: the largest |emulated - analytic| / analytic end-to-end latency a run
+    should show; the CLI warns about policies above it (raise the dilation).
+
     ``placement_strategy``: how NDP-unit actors are spread over the nodes of a Ray cluster
     (a placement group with one bundle per unit; bundles ask for the custom resource
     ``ndp_slot`` when the cluster offers enough of it). Ignored by local runs.
