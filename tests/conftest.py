@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,3 +34,19 @@ def trace_path() -> Path:
     if not TRACE_PATH.exists():
         pytest.fail(f"routing recording missing at {TRACE_PATH}")
     return TRACE_PATH
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[Any]:
+    """A real local Ray for one test module (2 CPUs, no dashboard), shut down afterwards.
+
+    ``address="local"``: a fresh instance even when some other Ray runs on this machine.
+    """
+    import ray
+
+    assert not ray.is_initialized(), "another test left Ray running"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -64,19 +64,6 @@ def _wait_gone(pids: list[int], timeout_s: float = 10.0) -> list[int]:
     return alive
 
 
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[Any]:
-    import ray
-
-    assert not ray.is_initialized(), "another test left Ray running"
-    # address="local": a fresh instance even when some other Ray runs on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
 @dataclass
 class Started:
     cfg: Config

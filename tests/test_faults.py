@@ -440,18 +440,6 @@ def test_a_failed_emulated_run_still_writes_its_partial_results(tmp_path, monkey
 RAY_TINY = ("weights.memory_budget_bytes=67108864", "emulate.dilation=40")
 
 
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[Any]:
-    import ray
-
-    assert not ray.is_initialized(), "another test left Ray running"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
 @pytest.mark.ray
 def test_a_killed_unit_without_recovery_fails_fast_and_leaves_a_partial_summary(
         ray_local, tmp_path) -> None:

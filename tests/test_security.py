@@ -284,18 +284,6 @@ def test_the_listener_reader_tells_addresses_apart() -> None:
         assert _listeners(int(endpoint.rsplit(":", 1)[1])) == ["127.0.0.2"]
 
 
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[Any]:
-    import ray
-
-    assert not ray.is_initialized(), "another test left Ray running"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
 @pytest.mark.ray
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp")
 @needs_curve
