@@ -26,9 +26,10 @@ def test_sleep_until_lands_just_after_the_deadline():
         clock.sleep_until_s(deadline)
         late.append(clock.now_s() - deadline)
     assert min(late) >= 0.0  # never early
-    # loose: a 2-core shared machine may preempt us, so judge the median and most samples
-    assert statistics.median(late) < 0.001
-    assert sum(x < 0.001 for x in late) >= 15
+    # loose: a 2-core shared machine may preempt us, so judge the median and half the samples
+    # (a plain time.sleep overshoot is ~0.1 ms; a broken spin would be late by whole ms)
+    assert statistics.median(late) < 0.002
+    assert sum(x < 0.002 for x in late) >= 10
 
 
 def test_sleep_until_the_past_returns_at_once():
