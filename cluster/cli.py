@@ -165,7 +165,7 @@ def cmd_run(args: argparse.Namespace, console) -> int:
         console.print(f"paper vs monde: [bold]{res.summaries['paper']['speedup_vs_monde']:.2f}x[/] "
                       f"end-to-end speedup at {w.prompt_tokens} in / {w.output_tokens} out (the paper "
                       "reports 2.41x average, 2.56x max at 512 / 512"
-                      + ("; for that workload: ndpmoe run --engine analytic, or ndpmoe reproduce)"
+                      + ("; for that workload: ndpmoe run --engine analytic without workload overrides, or ndpmoe reproduce)"
                          if short else ")"))
     console.print(f"run directory: {res.run_dir}")
     return 0
