@@ -50,3 +50,41 @@ def ray_local() -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def cache_spy(monkeypatch) -> Callable[[int], tuple[list, list[int]]]:
+    """Wraps every prefetcher the analytic engine makes so that, after each of its hooks, the
+    cache holds at most ``capacity`` experts and every key it asks to fetch once, held.
+
+    ``watch(capacity)`` returns ``(made, sizes)``: the prefetchers made and the cache size
+    after every hook call, filled in as the run goes.
+    """
+    import cluster.analytic
+
+    def watch(capacity: int) -> tuple[list, list[int]]:
+        made: list = []
+        sizes: list[int] = []
+        original = cluster.analytic.make_prefetcher
+
+        def spy(cfg_, name, routing_):
+            pf = original(cfg_, name, routing_)
+            made.append(pf)
+            for hook in ("preload", "after_prefill", "after_step"):
+                inner = getattr(pf, hook)
+
+                def checked(*args, _inner=inner, **kwargs):
+                    out = _inner(*args, **kwargs)
+                    sizes.append(len(pf.cache))
+                    assert len(pf.cache) <= pf.cache.capacity == capacity
+                    assert all(k in pf.cache for k in out), "asked to fetch a key it does not hold"
+                    assert len(set(out)) == len(out), "asked to fetch a key twice"
+                    return out
+
+                setattr(pf, hook, checked)
+            return pf
+
+        monkeypatch.setattr(cluster.analytic, "make_prefetcher", spy)
+        return made, sizes
+
+    return watch

@@ -121,32 +121,13 @@ def test_every_step_computes_each_pair_once_and_respects_the_lower_bound(tiny, n
 
 @pytest.mark.parametrize("prefetcher", ["context-aware", "od-moe", "expertflow", "prefill-freq-refresh"])
 @pytest.mark.parametrize("cache_experts", [0, 3, 40])
-def test_the_cache_never_exceeds_its_capacity_after_any_hook(tiny, monkeypatch, prefetcher,
+def test_the_cache_never_exceeds_its_capacity_after_any_hook(tiny, cache_spy, prefetcher,
                                                             cache_experts) -> None:
     cfg = tiny(f"policy.expert_cache_bytes={cache_experts * EXPERT_BYTES}", "workload.alpha=1.2",
                "workload.reuse=0.5", "policy.refresh_period_steps=2", "policy.odmoe_lookahead=3",
                "link.bw_gbps=400")
     assert cfg.cache_capacity_experts == cache_experts
-    sizes: list[int] = []
-    original = cluster.analytic.make_prefetcher
-
-    def spy(cfg_, name, routing_):
-        pf = original(cfg_, name, routing_)
-        for hook in ("preload", "after_prefill", "after_step"):
-            inner = getattr(pf, hook)
-
-            def checked(*args, _inner=inner, **kwargs):
-                out = _inner(*args, **kwargs)
-                sizes.append(len(pf.cache))
-                assert len(pf.cache) <= pf.cache.capacity == cache_experts
-                assert all(k in pf.cache for k in out), "asked to fetch a key it does not hold"
-                assert len(set(out)) == len(out), "asked to fetch a key twice"
-                return out
-
-            setattr(pf, hook, checked)
-        return pf
-
-    monkeypatch.setattr(cluster.analytic, "make_prefetcher", spy)
+    _, sizes = cache_spy(cache_experts)
     run_policy(cfg, build_routing(cfg), f"tp-lb+{prefetcher}")
     assert len(sizes) == 2 + cfg.model.num_layers * (cfg.workload.output_tokens - 1)
     if cache_experts:

@@ -16,7 +16,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import cluster.analytic
 import policies
 from cluster.analytic import run_policy
 from cluster.cost import CostModel
@@ -281,32 +280,13 @@ def test_registry_names_every_policy_and_refuses_unknown_or_duplicate_names() ->
 
 @pytest.mark.parametrize("prefetcher", policies.names("prefetcher"))
 @pytest.mark.parametrize("cache_experts", [0, 3, 40])
-def test_prefetcher_cache_never_exceeds_its_capacity(tiny, monkeypatch, prefetcher: str,
+def test_prefetcher_cache_never_exceeds_its_capacity(tiny, cache_spy, prefetcher: str,
                                                      cache_experts: int) -> None:
     cfg = tiny(f"policy.expert_cache_bytes={cache_experts * 3 * 2048 * 1024 * 2}",
                "workload.alpha=1.2", "policy.fetch_buffer_experts=4")
     assert cfg.cache_capacity_experts == cache_experts
     routing = build_routing(cfg)
-    made, sizes = [], []
-    original = cluster.analytic.make_prefetcher
-
-    def spy(cfg_, name, routing_):
-        pf = original(cfg_, name, routing_)
-        made.append(pf)
-        for hook in ("preload", "after_prefill", "after_step"):
-            inner = getattr(pf, hook)
-
-            def checked(*args, _inner=inner, **kwargs):
-                out = _inner(*args, **kwargs)
-                sizes.append(len(pf.cache))
-                assert len(pf.cache) <= pf.cache.capacity == cache_experts
-                assert all(k in pf.cache for k in out), "asked to fetch a key it does not hold"
-                return out
-
-            setattr(pf, hook, checked)
-        return pf
-
-    monkeypatch.setattr(cluster.analytic, "make_prefetcher", spy)
+    made, sizes = cache_spy(cache_experts)
     rec = run_policy(cfg, routing, f"tp-lb+{prefetcher}")
     assert len(made) == 1 and len(rec.tokens) == cfg.workload.output_tokens
     L = cfg.model.num_layers
