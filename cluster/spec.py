@@ -87,15 +87,26 @@ class NdpSpec:
 
 @dataclass(frozen=True)
 class LinkSpec:
-    """The one host link between the GPU and all NDP units, shared by every kind of traffic."""
+    """The one host link between the GPU and all NDP units, shared by every kind of traffic.
+
+    Priority classes, preemptive, FIFO within a class: activations and partial outputs, then
+    on-demand expert fetches, then background prefetches. ``prefetch_priority``:
+    ``lowest`` (prefetches use only the time the link would otherwise idle) or ``equal``
+    (prefetches share the on-demand class, FIFO with it: a large prefetch backlog delays the
+    fetches behind it, the contention behind the paper's prefetch-budget optimum).
+    """
 
     SECTION: ClassVar[str] = "link"
     bw_gbps: float = 50.0
     latency_us: float = 2.0
+    prefetch_priority: str = "lowest"
 
     def __post_init__(self) -> None:
         _positive(self.SECTION, self, "bw_gbps")
         _non_negative(self.SECTION, self, "latency_us")
+        _check(self.SECTION, "prefetch_priority", self.prefetch_priority,
+               self.prefetch_priority in PREFETCH_PRIORITIES,
+               f"one of {', '.join(PREFETCH_PRIORITIES)}")
 
 
 @dataclass(frozen=True)
@@ -325,6 +336,7 @@ class WeightsSpec:
 
 
 PLACEMENT_STRATEGIES = ("SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK")
+PREFETCH_PRIORITIES = ("lowest", "equal")
 
 
 @dataclass(frozen=True)
@@ -350,6 +362,10 @@ class EmulateSpec:
     inject a message or take over a device's identity. Needs a libzmq with CURVE
     (``zmq.has("curve")``); meant for cluster runs, allowed in local ones (which bind loopback
     anyway).
+
+    ``charge_decision_time``: each MoE step's plan decision holds the step for the real time
+    the policy took to decide (host speed, not dilated), on the critical path, in both
+    engines: does a policy's own decision time fit inside a decode step?
     """
 
     SECTION: ClassVar[str] = "emulate"
@@ -361,6 +377,7 @@ class EmulateSpec:
     recover: bool = False
     inject: str = ""
     curve: bool = False
+    charge_decision_time: bool = False
 
     def __post_init__(self) -> None:
         from cluster.faults import parse_inject
@@ -375,6 +392,8 @@ class EmulateSpec:
                "a number in 2..60 (seconds; devices send a heartbeat every second)")
         _check(self.SECTION, "recover", self.recover, isinstance(self.recover, bool), "true or false")
         _check(self.SECTION, "curve", self.curve, isinstance(self.curve, bool), "true or false")
+        _check(self.SECTION, "charge_decision_time", self.charge_decision_time,
+               isinstance(self.charge_decision_time, bool), "true or false")
         parse_inject(self.inject)  # raises ConfigError naming emulate.inject and the grammar
 
 
