@@ -21,25 +21,46 @@ from cluster.errors import ConfigError
 BYTES_PER_PARAM = 2  # fp16 weights in the cost model
 BYTES_PER_ACT = 2  # fp16 activations on the wire and in memory
 GIB = 1 << 30
+MAX_NDP_UNITS = 4096
+
+
+_UNITS = {"_us": "microseconds", "_s": "seconds", "_bytes": "bytes", "_gbps": "GB/s",
+          "_tflops": "TFLOP/s", "_gflops": "GFLOP/s"}
+
+
+def _unit(name: str) -> str:
+    """The unit a field's name carries (``latency_us`` -> ``microseconds``), or ''."""
+    for suffix, unit in _UNITS.items():
+        if name.endswith(suffix):
+            return unit
+    return ""
+
+
+def _finite(v: Any) -> bool:
+    """A real number that is neither NaN nor infinite (bools are not numbers here)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return isinstance(v, int) or math.isfinite(v)
 
 
 def _check(section: str, name: str, value: Any, ok: bool, allowed: str) -> None:
     if not ok:
+        unit = _unit(name)
+        if unit and unit not in allowed and "second" not in allowed:
+            allowed = f"{allowed} ({unit})"
         raise ConfigError(f"{section}.{name} = {value!r} is not allowed: must be {allowed}")
 
 
 def _positive(section: str, obj: Any, *names: str) -> None:
     for n in names:
         v = getattr(obj, n)
-        _check(section, n, v, isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
-               "a number > 0")
+        _check(section, n, v, _finite(v) and v > 0, "a finite number > 0")
 
 
 def _non_negative(section: str, obj: Any, *names: str) -> None:
     for n in names:
         v = getattr(obj, n)
-        _check(section, n, v, isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
-               "a number >= 0")
+        _check(section, n, v, _finite(v) and v >= 0, "a finite number >= 0")
 
 
 def _integers(section: str, obj: Any, *names: str, minimum: int = 1) -> None:
@@ -79,8 +100,8 @@ class NdpSpec:
 
     def __post_init__(self) -> None:
         _integers(self.SECTION, self, "num_ndp_units", "capacity_bytes")
-        _check(self.SECTION, "num_ndp_units", self.num_ndp_units, self.num_ndp_units <= 4096,
-               "an integer in 1..4096")
+        _check(self.SECTION, "num_ndp_units", self.num_ndp_units,
+               self.num_ndp_units <= MAX_NDP_UNITS, f"an integer in 1..{MAX_NDP_UNITS}")
         _positive(self.SECTION, self, "internal_bw_gbps", "peak_gflops")
         _non_negative(self.SECTION, self, "launch_overhead_us")
 
@@ -366,6 +387,10 @@ class EmulateSpec:
     ``charge_decision_time``: each MoE step's plan decision holds the step for the real time
     the policy took to decide (host speed, not dilated), on the critical path, in both
     engines: does a policy's own decision time fit inside a decode step?
+
+    ``max_wall_s``: the longest wall-clock time a run may be estimated to take (analytic
+    latency x D x policies, :mod:`cluster.preflight`); the command line refuses a longer
+    run before the cluster starts, naming this field as the override.
     """
 
     SECTION: ClassVar[str] = "emulate"
@@ -378,6 +403,7 @@ class EmulateSpec:
     inject: str = ""
     curve: bool = False
     charge_decision_time: bool = False
+    max_wall_s: float = 900.0
 
     def __post_init__(self) -> None:
         from cluster.faults import parse_inject
@@ -394,6 +420,7 @@ class EmulateSpec:
         _check(self.SECTION, "curve", self.curve, isinstance(self.curve, bool), "true or false")
         _check(self.SECTION, "charge_decision_time", self.charge_decision_time,
                isinstance(self.charge_decision_time, bool), "true or false")
+        _positive(self.SECTION, self, "max_wall_s")
         parse_inject(self.inject)  # raises ConfigError naming emulate.inject and the grammar
 
 
@@ -464,11 +491,17 @@ def check_fits(cfg: Config) -> None:
     per_unit = m.num_layers * per_unit_experts * m.expert_bytes
     if per_unit > n.capacity_bytes:
         need_units = math.ceil(m.routed_expert_bytes / n.capacity_bytes)
+        if need_units <= MAX_NDP_UNITS:
+            advice = f"use ndp.num_ndp_units >= {need_units} or a larger ndp.capacity_bytes"
+        else:  # no allowed unit count is enough: only the capacity can fix it
+            at_max = m.num_layers * math.ceil(m.num_experts / MAX_NDP_UNITS) * m.expert_bytes
+            advice = (f"even {MAX_NDP_UNITS} units (the most allowed) would need "
+                      f"ndp.capacity_bytes >= {at_max} ({_gb(at_max)}); use a larger "
+                      "ndp.capacity_bytes")
         raise ConfigError(
             f"model {m.name!r} does not fit the NDP units: its routed experts take "
             f"{_gb(m.routed_expert_bytes)}, {_gb(per_unit)} per unit over {n.num_ndp_units} units, "
-            f"but ndp.capacity_bytes = {n.capacity_bytes} ({_gb(n.capacity_bytes)}); "
-            f"use ndp.num_ndp_units >= {need_units} or a larger ndp.capacity_bytes"
+            f"but ndp.capacity_bytes = {n.capacity_bytes} ({_gb(n.capacity_bytes)}); {advice}"
         )
     gpu_need = m.non_expert_bytes + m.kv_bytes(cfg.workload.batch_size * cfg.workload.max_context)
     if gpu_need > cfg.gpu.mem_bytes:
