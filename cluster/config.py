@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 from cluster import presets
 from cluster.errors import ConfigError
-from cluster.spec import SECTIONS, Config
+from cluster.spec import SECTIONS, Config, unit_of
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -52,7 +53,13 @@ def _coerce(section: str, key: str, value: Any) -> Any:
     elif want in ("float", float):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where} = {value!r} is not allowed: must be a number")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer literal too large for a float
+            value = math.inf
+        if not math.isfinite(value):
+            unit = f" ({unit_of(key)})" if unit_of(key) else ""
+            raise ConfigError(f"{where} = {value!r} is not allowed: must be a finite number{unit}")
     elif want in ("bool", bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} = {value!r} is not allowed: must be true or false")
@@ -94,14 +101,36 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, name, value
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
+def read_text_file(path: str | Path, what: str, expected: str = "TOML") -> str:
+    """The text of a UTF-8 file given on the command line; any failure is a ConfigError
+    naming ``what`` (e.g. ``config file``) and the path."""
     p = Path(path)
     try:
-        return tomllib.loads(p.read_text())
+        if p.is_dir():
+            raise ConfigError(f"{what} {str(p)!r} is a directory, not a file")
+        data = p.read_bytes()
     except FileNotFoundError as exc:
-        raise ConfigError(f"config file {str(p)!r} does not exist") from exc
+        raise ConfigError(f"{what} {str(p)!r} does not exist") from exc
+    except OSError as exc:
+        raise ConfigError(f"{what} {str(p)!r} cannot be read: {exc.strerror or exc}") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {str(p)!r} is not a text file (not UTF-8 at byte "
+                          f"{exc.start}); expected {expected}") from exc
+
+
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    p = Path(path)
+    text = read_text_file(p, what)
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
+        raise ConfigError(f"{what} {str(p)!r} is not valid TOML: {exc}") from exc
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def model_from_hf_config(path: str | Path) -> dict[str, Any]:
@@ -114,56 +143,77 @@ def model_from_hf_config(path: str | Path) -> dict[str, Any]:
     ``first_k_dense_replace`` or ``mlp_only_layers``.
     """
     p = Path(path)
+    text = read_text_file(p, "model config", "JSON")
     try:
-        hf = json.loads(p.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"model config {str(p)!r} does not exist") from exc
-    except json.JSONDecodeError as exc:
+        hf = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:  # json.JSONDecodeError, and NaN/Infinity
         raise ConfigError(f"model config {str(p)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(hf, dict):
+        raise ConfigError(f"model config {str(p)!r} is a JSON {type(hf).__name__}; expected an "
+                          "object of fields (a Hugging Face config.json)")
     if isinstance(hf.get("text_config"), dict):  # multimodal wrappers keep the LM inside
         hf = {**hf, **hf["text_config"]}
 
-    def need(*names: str) -> Any:
+    def as_int(name: str, v: Any) -> int:
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"model config {str(p)!r}: {name} = {v!r} is not allowed: must be "
+                              "an integer >= 0")
+        return v
+
+    def get(name: str) -> int:
+        return as_int(name, hf.get(name) or 0)
+
+    def need(*names: str) -> int:
         for n in names:
             if hf.get(n) is not None:
-                return hf[n]
+                return as_int(n, hf[n])
         raise ConfigError(f"model config {str(p)!r} has none of the fields {', '.join(names)}; "
                           "is it a Mixture-of-Experts model?")
 
-    layers = int(need("num_hidden_layers", "n_layers", "num_layers"))
-    d_model = int(need("hidden_size", "d_model"))
-    experts = int(need("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"))
-    top_k = int(need("num_experts_per_tok", "moe_top_k", "top_k"))
-    dense_ff = int(hf.get("intermediate_size") or 0)
-    d_ff = int(hf.get("moe_intermediate_size") or dense_ff)
+    layers = need("num_hidden_layers", "n_layers", "num_layers")
+    d_model = need("hidden_size", "d_model")
+    experts = need("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+    top_k = need("num_experts_per_tok", "moe_top_k", "top_k")
+    dense_ff = get("intermediate_size")
+    d_ff = get("moe_intermediate_size") or dense_ff
     if d_ff <= 0:
         raise ConfigError(f"model config {str(p)!r} gives no expert width "
                           "(moe_intermediate_size or intermediate_size)")
     if hf.get("first_k_dense_replace") is not None:
-        dense_layers = int(hf["first_k_dense_replace"])
+        dense_layers = get("first_k_dense_replace")
     elif hf.get("mlp_only_layers"):
-        dense_layers = len(hf["mlp_only_layers"])
+        mlp_only = hf["mlp_only_layers"]
+        if not isinstance(mlp_only, list):
+            raise ConfigError(f"model config {str(p)!r}: mlp_only_layers = {mlp_only!r} is not "
+                              "allowed: must be a list of layer indices")
+        dense_layers = len(mlp_only)
     else:
         dense_layers = 0
+    if dense_layers >= layers:
+        raise ConfigError(f"model config {str(p)!r}: {dense_layers} dense layers of "
+                          f"num_hidden_layers = {layers} leave no MoE layer")
     shared, shared_ff = 0, 0
     if hf.get("n_shared_experts"):
-        shared, shared_ff = int(hf["n_shared_experts"]), d_ff
+        shared, shared_ff = get("n_shared_experts"), d_ff
     elif hf.get("shared_expert_intermediate_size"):
-        shared, shared_ff = 1, int(hf["shared_expert_intermediate_size"])
-    heads = int(hf.get("num_attention_heads") or max(1, d_model // 128))
-    kv_heads = int(hf.get("num_key_value_heads") or heads)
-    head_dim = int(hf.get("head_dim") or hf.get("v_head_dim") or d_model // heads)
+        shared, shared_ff = 1, get("shared_expert_intermediate_size")
+    heads = get("num_attention_heads") or max(1, d_model // 128)
+    kv_heads = get("num_key_value_heads") or heads
+    head_dim = get("head_dim") or get("v_head_dim") or max(1, d_model // heads)
     kv_dim = 0
     if hf.get("kv_lora_rank"):  # DeepSeek MLA caches the compressed latent plus the rope key
-        kv_dim = int(hf["kv_lora_rank"]) + int(hf.get("qk_rope_head_dim") or 0)
-    name = hf.get("_name_or_path") or p.parent.name or p.stem
+        kv_dim = get("kv_lora_rank") + get("qk_rope_head_dim")
+    # named by the file itself, never by the folder it happens to sit in
+    name = hf.get("_name_or_path") or hf.get("model_type") or p.stem
     return {
         "name": str(name), "num_layers": layers - dense_layers, "num_dense_layers": dense_layers,
         "d_model": d_model, "d_ff": d_ff, "num_experts": experts, "top_k": top_k,
         "num_shared_experts": shared, "shared_d_ff": shared_ff,
         "dense_d_ff": dense_ff if dense_layers else 0, "num_heads": heads,
         "num_kv_heads": kv_heads, "head_dim": head_dim, "kv_dim": kv_dim,
-        "vocab_size": int(hf.get("vocab_size") or 32000),
+        "vocab_size": get("vocab_size") or 32000,
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
     }
 

@@ -134,20 +134,83 @@ def synthetic(model: ModelSpec, work: WorkloadSpec, rng: np.random.Generator,
     return Routing(ids, np.ascontiguousarray(w), work.prompt_tokens, "synthetic")
 
 
-def load_trace(path: str | Path, model: ModelSpec, work: WorkloadSpec) -> Routing:
-    """Reads a canonical npz trace and cuts it to the workload's batch and positions."""
-    p = Path(path)
+def _read_npz(p: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The routing arrays of an npz file, read now, and the names of all its arrays; any
+    failure is a RoutingError naming the file."""
+    if p.is_dir():
+        raise RoutingError(f"routing trace {str(p)!r} is a directory, not an npz file")
     try:
-        data = np.load(p)
+        data = np.load(p, allow_pickle=False)
     except FileNotFoundError as exc:
         raise RoutingError(f"routing trace {str(p)!r} does not exist") from exc
-    except (ValueError, OSError) as exc:
+    except Exception as exc:  # numpy raises ValueError, OSError, EOFError, zipfile errors ...
         raise RoutingError(f"routing trace {str(p)!r} is not an npz file: {exc}") from exc
+    if isinstance(data, np.ndarray):
+        raise RoutingError(f"routing trace {str(p)!r} is a single .npy array, not an npz archive; "
+                           "save it with numpy.savez(path, topk_ids=ids[, topk_weights=w])")
+    try:
+        with data:
+            wanted = [name for name in data.files if name in ("topk_ids", "topk_weights")]
+            return {name: data[name] for name in wanted}, list(data.files)
+    except Exception as exc:  # a corrupt member, an object array (pickles are refused)
+        raise RoutingError(f"routing trace {str(p)!r} cannot be read: {exc}") from exc
+
+
+def _check_ids(p: Path, ids: np.ndarray) -> np.ndarray:
+    """Expert ids must be integers: an integer dtype, or floats that are all whole numbers."""
+    where = f"routing trace {str(p)!r}: topk_ids"
+    if ids.dtype.kind in "iu":
+        return ids
+    if ids.dtype.kind != "f":
+        raise RoutingError(f"{where} has dtype {ids.dtype}; expected integer expert ids")
+    bad = ~np.isfinite(ids) | (ids != np.round(ids))
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise RoutingError(f"{where} holds {ids[at].item()!r} at index {list(at)}; expected integer "
+                           "expert ids (no NaN, no fractions)")
+    return ids.astype(np.int64)
+
+
+def _check_weights(p: Path, weights: np.ndarray, ids_shape: tuple[int, ...]) -> np.ndarray:
+    """Gate weights: real, finite, >= 0, one per id, with a positive sum per token."""
+    where = f"routing trace {str(p)!r}: topk_weights"
+    if weights.shape != ids_shape:
+        raise RoutingError(f"{where} has shape {list(weights.shape)}; expected the shape of "
+                           f"topk_ids, {list(ids_shape)}")
+    if weights.dtype.kind not in "iuf":
+        raise RoutingError(f"{where} has dtype {weights.dtype}; expected real numbers")
+    w = weights.astype(np.float64)
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise RoutingError(f"{where} holds {w[at].item()!r} at index {list(at)}; expected finite "
+                           "weights >= 0")
+    if w.size and (w.sum(axis=-1) <= 0).any():
+        at = tuple(int(i) for i in np.argwhere(w.sum(axis=-1) <= 0)[0])
+        raise RoutingError(f"{where} sum to 0 for the token at index {list(at)}; each token's "
+                           "weights must have a positive sum")
+    return w
+
+
+def load_trace(path: str | Path, model: ModelSpec, work: WorkloadSpec) -> Routing:
+    """Reads a canonical npz trace and cuts it to the workload's batch and positions.
+
+    Everything is checked before use: ids are integers in ``0..num_experts-1``, distinct per
+    token; weights (optional) have the ids' shape and are finite and >= 0.
+    """
+    p = Path(path)
+    data, files = _read_npz(p)
     if "topk_ids" not in data:
         raise RoutingError(f"routing trace {str(p)!r} has no 'topk_ids' array (it has "
-                           f"{', '.join(data.files)})")
-    ids = np.asarray(data["topk_ids"])
-    weights = np.asarray(data["topk_weights"]) if "topk_weights" in data else None
+                           f"{', '.join(files) or 'no arrays'})")
+    ids = _check_ids(p, np.asarray(data["topk_ids"]))
+    if ids.ndim not in (3, 4) or 0 in ids.shape:
+        raise RoutingError(f"routing trace {str(p)!r}: topk_ids has shape {list(ids.shape)}; "
+                           "expected [tokens, layers, k] or [sequences, positions, layers, k], "
+                           "none of them 0")
+    weights = None
+    if "topk_weights" in data:
+        weights = _check_weights(p, np.asarray(data["topk_weights"]), ids.shape)
     B, S = work.batch_size, work.prompt_tokens + work.output_tokens - 1
     if ids.ndim == 4 and ids.shape[0] >= B and ids.shape[1] >= S:
         ids, weights = ids[:B, :S], None if weights is None else weights[:B, :S]
@@ -155,9 +218,6 @@ def load_trace(path: str | Path, model: ModelSpec, work: WorkloadSpec) -> Routin
         if ids.ndim == 4:  # too few positions per sequence: use the sequences one after another
             ids = ids.reshape(-1, *ids.shape[2:])
             weights = None if weights is None else weights.reshape(-1, *weights.shape[2:])
-        if ids.ndim != 3:
-            raise RoutingError(f"routing trace {str(p)!r}: topk_ids has shape {ids.shape}; "
-                               "expected [tokens, layers, k] or [sequences, positions, layers, k]")
         if ids.shape[0] < B * S:
             raise RoutingError(
                 f"routing trace {str(p)!r} has {ids.shape[0]} tokens but the workload needs "
@@ -172,7 +232,8 @@ def load_trace(path: str | Path, model: ModelSpec, work: WorkloadSpec) -> Routin
             f"(--set model.num_layers={L} --set model.top_k={k})")
     if ids.min() < 0 or ids.max() >= model.num_experts:
         raise RoutingError(f"routing trace {str(p)!r} has expert ids in {ids.min()}..{ids.max()} "
-                           f"but model.num_experts = {model.num_experts}")
+                           f"but model.num_experts = {model.num_experts}: ids must be in "
+                           f"0..{model.num_experts - 1}")
     srt = np.sort(ids, axis=-1)
     if k > 1 and (srt[..., 1:] == srt[..., :-1]).any():
         b, pos, lay, _ = np.argwhere(srt[..., 1:] == srt[..., :-1])[0]

@@ -189,7 +189,7 @@ def test_values_of_the_wrong_type_are_refused(override: str, field: str, allowed
     ("policy.cache_fraction=1.5", "policy.cache_fraction = 1.5", "a number in 0..1"),
     ("policy.lb_split=half", "policy.lb_split = 'half'", "expert, fractional"),
     ("workload.reuse=2", "workload.reuse = 2.0", "a number in 0..1"),
-    ("workload.alpha=-1", "workload.alpha = -1.0", "a number >= 0"),
+    ("workload.alpha=-1", "workload.alpha = -1.0", "a finite number >= 0"),
     ("workload.routing=trace", "workload.trace_path = ''", "path to an npz routing file"),
     ("policy.expert_cache_bytes=-2", "policy.expert_cache_bytes = -2", "-1 (auto)"),
 ])
@@ -374,7 +374,9 @@ def test_hf_config_json_of_each_family(tmp_path: Path, name: str) -> None:
     path = write_hf(tmp_path, name, HF_CONFIGS[name])
     cfg = load_config(model_config=path, overrides=BIG_SYSTEM if name == "DeepSeek-V3" else ())
     m = cfg.model
-    assert m.name == name  # the folder name, as from a downloaded snapshot
+    # named from the file's own fields, never after the folder it sits in (a downloaded
+    # snapshot's folder is a commit hash)
+    assert m.name == HF_CONFIGS[name]["model_type"]
     assert (m.num_layers, m.num_dense_layers, m.num_experts, m.top_k, m.d_ff,
             m.num_shared_experts, m.shared_d_ff, m.dense_d_ff) == HF_EXPECTED[name]
     hf = HF_CONFIGS[name]
@@ -406,6 +408,12 @@ def test_hf_name_or_path_names_the_model(tmp_path: Path) -> None:
     path = write_hf(tmp_path, "snapshot", {**HF_CONFIGS["OLMoE-1B-7B-0924"],
                                            "_name_or_path": "allenai/OLMoE-1B-7B-0924"})
     assert load_config(model_config=path).model.name == "allenai/OLMoE-1B-7B-0924"
+
+
+def test_hf_model_without_a_name_is_named_after_the_file_not_its_folder(tmp_path: Path) -> None:
+    fields = {k: v for k, v in HF_CONFIGS["OLMoE-1B-7B-0924"].items() if k != "model_type"}
+    path = write_hf(tmp_path, "tmp", fields)
+    assert load_config(model_config=path).model.name == "config"
 
 
 def test_hf_multimodal_wrapper_uses_its_text_config(tmp_path: Path) -> None:
