@@ -239,6 +239,13 @@ def init_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    # ray.init installs its own SIGTERM handler (exit 1, no cleanup); keep ours (cluster.cli:
+    # SIGTERM ends a run like Ctrl-C, with partial results and exit 130)
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
@@ -248,6 +255,9 @@ def init_ray(address: str | None) -> bool:
                      log_to_driver=False, configure_logging=False)
     except Exception as exc:  # Ray raises several unrelated types here
         raise EmulationError(f"could not start or attach to Ray ({address or 'local'}): {exc}") from exc
+    finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
     return True
 
 
