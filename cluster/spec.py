@@ -28,7 +28,7 @@ _UNITS = {"_us": "microseconds", "_s": "seconds", "_bytes": "bytes", "_gbps": "G
           "_tflops": "TFLOP/s", "_gflops": "GFLOP/s"}
 
 
-def _unit(name: str) -> str:
+def unit_of(name: str) -> str:
     """The unit a field's name carries (``latency_us`` -> ``microseconds``), or ''."""
     for suffix, unit in _UNITS.items():
         if name.endswith(suffix):
@@ -45,7 +45,7 @@ def _finite(v: Any) -> bool:
 
 def _check(section: str, name: str, value: Any, ok: bool, allowed: str) -> None:
     if not ok:
-        unit = _unit(name)
+        unit = unit_of(name)
         if unit and unit not in allowed and "second" not in allowed:
             allowed = f"{allowed} ({unit})"
         raise ConfigError(f"{section}.{name} = {value!r} is not allowed: must be {allowed}")
