@@ -15,7 +15,12 @@
     ndpmoe presets         system and model presets
 
 Errors the user can fix (bad config, bad trace, a failed emulation) print one paragraph and
-exit with status 2; ``--debug`` shows the traceback instead.
+exit with status 2; ``--debug`` shows the traceback instead. Messages are printed literally
+(never as Rich markup: a path or value may hold brackets). Ctrl-C and SIGTERM stop a run,
+write its partial results and exit with status 130.
+
+Before an emulated run starts its cluster, :mod:`cluster.preflight` prints the estimated
+wall time and memory and refuses a run above ``emulate.max_wall_s`` or the machine's memory.
 """
 
 from __future__ import annotations
@@ -43,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="policies to run (default: ep monde tp tp-lb paper); SCHED+PREFETCHER allowed")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set link.bw_gbps=32 (repeatable)")
-    r.add_argument("--out", default=None, help="run directory (default: a fresh one under runs/)")
+    r.add_argument("--out", default=None, help="run directory, new or empty (default: a fresh "
+                   "one under runs/)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run directory at --out (removed before the run starts)")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--dilation", type=float, default=None,
@@ -124,33 +132,52 @@ def _emulate_defaults(overrides: list[str]) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace, console) -> int:
+    import math
+
+    from rich.markup import escape
+
+    import policies
+    from cluster import preflight, rundir
     from cluster.config import load_config
+    from cluster.errors import ConfigError
     from cluster.faults import inject_overrides
     from cluster.report import results_table
+    from cluster.routing import build_routing
     from cluster.runner import DEFAULT_POLICIES, run
 
     overrides = list(args.overrides) + inject_overrides(args.inject)
     if args.recover:
         overrides.append("emulate.recover=true")
     if args.dilation is not None:
-        overrides.append(f"emulate.dilation={args.dilation}")
+        if not (math.isfinite(args.dilation) and args.dilation > 0):
+            raise ConfigError(f"--dilation {args.dilation!r} is not allowed: must be a finite "
+                              "number > 0 (wall-clock seconds per emulated second)")
+        overrides.append(f"emulate.dilation={args.dilation!r}")
     if args.engine == "emulate":
         overrides = _emulate_defaults(overrides)
     cfg = load_config(args.system, args.model, args.model_config, overrides)
+    names = list(dict.fromkeys(args.policies or DEFAULT_POLICIES))
+    for name in names:  # every input is checked before anything is printed or started
+        policies.resolve(name)
+    if args.out is not None:
+        rundir.check_out(args.out, args.overwrite)
+    routing = build_routing(cfg)
     if args.engine == "analytic" and any(x.split(":")[0] in ("kill", "drop") for x in args.inject):
         console.print("[yellow]note:[/] the analytic engine models slow: and delay: faults only; "
                       "kill: and drop: act on the emulation cluster (--engine emulate)")
-    names = args.policies or list(DEFAULT_POLICIES)
     opts = {}
+    w = cfg.workload
+    console.print(f"[bold]ndpmoe[/] {args.engine}: {escape(cfg.system_name)} ({cfg.ndp.num_ndp_units} NDP "
+                  f"units), {escape(cfg.model.name)}, batch {w.batch_size}, {w.prompt_tokens} in / "
+                  f"{w.output_tokens} out, routing {w.routing}; expert cache "
+                  f"{cfg.cache_capacity_experts} experts ({cfg.cache_bytes / 1e9:.2f} GB)")
     if args.engine == "emulate":
         opts = {"address": args.address, "save_outputs": args.save_outputs}
-    w = cfg.workload
-    console.print(f"[bold]ndpmoe[/] {args.engine}: {cfg.system_name} ({cfg.ndp.num_ndp_units} NDP units), "
-                  f"{cfg.model.name}, batch {w.batch_size}, {w.prompt_tokens} in / {w.output_tokens} out, "
-                  f"routing {w.routing}; expert cache {cfg.cache_capacity_experts} experts "
-                  f"({cfg.cache_bytes / 1e9:.2f} GB)")
+        est = preflight.estimate(cfg, routing, names)
+        console.print(escape(est.describe()), highlight=False)
+        preflight.check(est, cfg)
     res = run(cfg, names, args.engine, args.out, console=console, progress=not args.quiet,
-              plots=not args.no_plots, **opts)
+              plots=not args.no_plots, overwrite=args.overwrite, routing=routing, **opts)
     console.print(results_table(res.summaries, args.engine))
     if args.engine == "emulate":
         worse = {n: s["fidelity_error"] for n, s in res.summaries.items()
@@ -167,7 +194,7 @@ def cmd_run(args: argparse.Namespace, console) -> int:
                       "reports 2.41x average, 2.56x max at 512 / 512"
                       + ("; for that workload: ndpmoe run --engine analytic without workload overrides, or ndpmoe reproduce)"
                          if short else ")"))
-    console.print(f"run directory: {res.run_dir}")
+    console.print(f"run directory: {escape(str(res.run_dir))}", highlight=False)
     return 0
 
 
@@ -181,6 +208,10 @@ def cmd_reproduce(args: argparse.Namespace, console, argv: Sequence[str] | None)
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} {v} is not allowed: must be an integer >= 1")
+    if args.out is not None:
+        from cluster import rundir
+
+        rundir.check_out(args.out, overwrite=True, must_be_empty=False)
     opts = rep.options(args.models, args.units, args.prompt, args.output, args.sweep_output,
                        args.contrast_models, args.overrides, args.workers, args.quick,
                        args.spot_check)
@@ -219,8 +250,13 @@ def cmd_sweep(args: argparse.Namespace, console) -> int:
     axes: dict = dict(sweep.STRESS_AXES) if stress else {}
     pols = list(sweep.STRESS_POLICIES) if stress else ["ep", "tp", "tp-lb", "paper"]
     base = list(sweep.STRESS_BASE) if stress else []
+    if args.out is not None:
+        from cluster import rundir
+
+        rundir.check_out(args.out, overwrite=True, must_be_empty=False)
     if args.grid:
         g_axes, g_pols, g_base = sweep.read_grid_file(args.grid)
+        _check_grid_lists(args.grid, g_pols, g_base)
         axes = g_axes if not stress else {**axes, **g_axes}
         pols = g_pols or pols
         base += g_base
@@ -238,6 +274,18 @@ def cmd_sweep(args: argparse.Namespace, console) -> int:
     sweep.sweep_command(grid, run_dir, console, args.system, args.model, args.workers, args.address,
                         args.emulate, progress=not args.quiet)
     return 0
+
+
+def _check_grid_lists(path: str, pols, base) -> None:
+    """``policies`` and ``set`` of a grid file must be lists of strings."""
+    from cluster.errors import ConfigError
+
+    for key, value in (("policies", pols), ("set", base)):
+        if value is None and key == "policies":
+            continue
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"grid file {path!r}: {key} = {value!r} is not allowed: must be a "
+                              "list of strings")
 
 
 def cmd_policies(console) -> int:
@@ -328,6 +376,16 @@ def _sigterm_interrupts():
     return signal.signal(signal.SIGTERM, handler)
 
 
+def _print_error(message: str) -> None:
+    """One paragraph on stderr, printed literally: a path or value may hold brackets that
+    Rich would otherwise read as markup (and fail on, or silently drop)."""
+    from rich.console import Console
+    from rich.text import Text
+
+    Console(stderr=True, soft_wrap=True).print(Text("error: ", style="bold red") + Text(message),
+                                               highlight=False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
 
@@ -348,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NdpmoeError as exc:
         if args.debug:
             raise
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        _print_error(str(exc))
         return 2
     except KeyboardInterrupt:
         Console(stderr=True).print("[bold red]interrupted[/]: actors stopped, Ray shut down; "

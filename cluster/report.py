@@ -51,10 +51,28 @@ def write_summary(run_dir: Path, cfg: Config, engine: str, summaries: dict[str, 
         "policies": summaries,
         **(extra or {}),
     }
+    doc.setdefault("status", "ok")
     path = run_dir / "summary.json"
-    path.write_text(json.dumps(doc, indent=2, default=_json_default))
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    path.write_text(strict_json(doc))
+    (run_dir / "config.json").write_text(strict_json(cfg.to_dict()))
     return path
+
+
+def strict_json(doc: Any) -> str:
+    """JSON that strict parsers accept: NaN and infinities become ``null``."""
+    return json.dumps(_finite_only(doc), indent=2, default=_json_default, allow_nan=False)
+
+
+def _finite_only(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {k: _finite_only(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite_only(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _finite_only(o.tolist())
+    if isinstance(o, (float, np.floating)):
+        return float(o) if math.isfinite(o) else None
+    return o
 
 
 def _json_default(o: Any) -> Any:
@@ -213,7 +231,9 @@ def results_table(summaries: dict[str, dict[str, Any]], engine: str, title: str 
         sp = s.get("speedup_vs_monde")
         row = [name, fmt_s(s.get("emulated_e2e_latency_s", s["e2e_latency_s"]))]
         if emulate:
-            row += [fmt_s(s.get("analytic_e2e_latency_s")), f"{s.get('fidelity_error', float('nan')) * 100:.2f}%",
+            fid = s.get("fidelity_error")
+            row += [fmt_s(s.get("analytic_e2e_latency_s")),
+                    f"{fid * 100:.2f}%" if fid is not None and math.isfinite(fid) else "-",
                     f"{s.get('dilation', 0):.0f}x", f"{s.get('overruns', 0)}/{s.get('paced_segments', 0)}"]
             if s.get("recoveries"):
                 row[-1] += f" ({s['recoveries']} recovered)"

@@ -7,7 +7,11 @@ trace and the plots. Both engines come through here; Ray is imported only for ``
 An emulated run that fails part-way still writes the run directory: ``summary.json`` with the
 policies that finished, the failing one marked ``"status": "failed"`` with its error and the
 records it had, the CSVs and the trace (no plots); then the error is raised again, naming
-the directory, so the command line exits non-zero with one paragraph.
+the directory, so the command line exits non-zero with one paragraph. Any other failure or
+an interrupt (Ctrl-C, SIGTERM) during the run also leaves a ``summary.json`` saying
+``"status": "failed"`` with the error. Results are written to a staging directory that
+:mod:`cluster.rundir` moves into place when the run ends, so a run directory never mixes two
+runs.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import policies
-from cluster import report
+from cluster import report, rundir
 from cluster.analytic import run_policy
 from cluster.metrics import PolicyRecords, summarize
-from cluster.routing import build_routing
+from cluster.routing import Routing, build_routing
 from cluster.spec import Config
 
 DEFAULT_POLICIES = ("ep", "monde", "tp", "tp-lb", "paper")
@@ -51,8 +55,16 @@ def _progress(console, enabled: bool):
 
 def run(cfg: Config, policy_names: Sequence[str], engine: str = "analytic",
         out: str | Path | None = None, console=None, progress: bool = True,
-        plots: bool = True, **engine_opts: Any) -> RunResult:
-    """Runs ``policy_names`` on ``engine`` and writes the run directory."""
+        plots: bool = True, overwrite: bool = False, routing: Routing | None = None,
+        **engine_opts: Any) -> RunResult:
+    """Runs ``policy_names`` on ``engine`` and writes the run directory.
+
+    Every input is checked before the run directory exists: policy names, the engine, the
+    routing (``routing``, when the caller built it already, else built here) and ``out``
+    (:mod:`cluster.rundir`). Results go to a staging directory moved into place at the end;
+    a run that fails or is interrupted still gets its ``summary.json``, with
+    ``"status": "failed"`` and the error.
+    """
     names = list(dict.fromkeys(policy_names))
     for n in names:
         policies.resolve(n)  # fail on a bad name before any work
@@ -60,9 +72,44 @@ def run(cfg: Config, policy_names: Sequence[str], engine: str = "analytic",
         from cluster.errors import ConfigError
 
         raise ConfigError(f"--engine {engine!r} is not allowed: must be analytic or emulate")
-    run_dir = Path(out) if out else report.new_run_dir(engine=engine)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    routing = build_routing(cfg)
+    routing = routing if routing is not None else build_routing(cfg)
+    stage = rundir.Staging.create(out, engine, overwrite)
+    try:
+        summaries, records = _run_into(stage.path, cfg, routing, names, engine, console,
+                                       progress, plots, engine_opts)
+    except BaseException as exc:
+        if not (stage.path / "summary.json").exists():  # failed before any result was written
+            report.write_summary(stage.path, cfg, engine, {}, {
+                "status": "failed", "error": _describe(exc), "not_run": names})
+        run_dir = stage.commit()
+        if isinstance(exc, _Partial):
+            if exc.failure.interrupted:
+                raise KeyboardInterrupt from None
+            from cluster.errors import EmulationError
+
+            raise EmulationError(f"{exc.failure}; partial results in "
+                                 f"{run_dir / 'summary.json'}") from exc.failure
+        raise
+    return RunResult(stage.commit(), summaries, records)
+
+
+class _Partial(Exception):
+    """An emulated run that stopped early; its partial results are already written."""
+
+    def __init__(self, failure: Exception) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted by the user (Ctrl-C or SIGTERM)"
+    return f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
+
+
+def _run_into(run_dir: Path, cfg: Config, routing: Routing, names: list[str], engine: str,
+              console, progress: bool, plots: bool, engine_opts: dict[str, Any]
+              ) -> tuple[dict[str, dict[str, Any]], list[PolicyRecords]]:
     failure = None
     if engine == "emulate":
         from cluster.emulate import PartialRunError, run_emulation  # imports Ray
@@ -76,12 +123,19 @@ def run(cfg: Config, policy_names: Sequence[str], engine: str = "analytic",
     else:
         summaries, records = {}, []
         steps = routing.decode_steps + 1
-        with _progress(console, progress) as bar:
-            for n in names:
-                task = bar.add_task(n, total=steps)
-                rec = run_policy(cfg, routing, n, progress=lambda k, t=task: bar.advance(t, k))
-                records.append(rec)
-                summaries[n] = summarize(rec, cfg.ndp.num_ndp_units)
+        try:
+            with _progress(console, progress) as bar:
+                for n in names:
+                    task = bar.add_task(n, total=steps)
+                    rec = run_policy(cfg, routing, n, progress=lambda k, t=task: bar.advance(t, k))
+                    records.append(rec)
+                    summaries[n] = summarize(rec, cfg.ndp.num_ndp_units)
+        except BaseException as exc:  # keep the policies that finished
+            report.add_speedups(summaries)
+            report.write_summary(run_dir, cfg, engine, summaries, {
+                "status": "failed", "error": _describe(exc),
+                "not_run": [n for n in names if n not in summaries]})
+            raise
         extra = {}
     report.add_speedups(summaries)
     extra = {
@@ -98,11 +152,7 @@ def run(cfg: Config, policy_names: Sequence[str], engine: str = "analytic",
     report.write_records(run_dir, records)
     report.write_trace(run_dir, records)
     if failure is not None:
-        from cluster.errors import EmulationError
-
-        if failure.interrupted:
-            raise KeyboardInterrupt
-        raise EmulationError(f"{failure}; partial results in {run_dir / 'summary.json'}") from failure
+        raise _Partial(failure)
     if plots:
         report.write_plots(run_dir, summaries, records)
-    return RunResult(run_dir, summaries, records)
+    return summaries, records
