@@ -10,7 +10,9 @@ matmul to fit inside it.
   overshoots by ~90 us on the development machine; it never returns early. ``monotonic`` is one
   system-wide clock on a Linux host, so actors in several processes of one host share an epoch
   by passing ``epoch_wall_s`` to each other; hosts do not share it, so emulated timestamps, not
-  wall times, are what travel on the wire.
+  wall times, are what travel on the wire. Its time source (``monotonic``, ``sleep``) can be
+  injected, so that tests check the sleep-then-spin logic on a scripted clock, where machine
+  load cannot change what they see.
 - :class:`VirtualClock` jumps: ``sleep_until_s`` sets the time and returns at once, as trio's
   ``MockClock`` with autojump or a SimPy environment do. Deterministic; for tests and the
   analytic engine.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,23 +57,31 @@ class RealClock:
         *,
         epoch_wall_s: float | None = None,
         spin_s: float = DEFAULT_SPIN_S,
+        monotonic: Callable[[], float] | None = None,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         """``epoch_wall_s`` (a :func:`wall_now` value) defaults to now; pass the scheduler's
-        epoch to every actor on the same host so that they agree on emulated time."""
+        epoch to every actor on the same host so that they agree on emulated time.
+
+        ``monotonic`` and ``sleep`` default to :func:`time.monotonic` and :func:`time.sleep`;
+        a replacement must keep their contract (seconds that never go back; sleep at least
+        about the time asked)."""
         if not (math.isfinite(dilation) and dilation > 0):
             raise ValueError(f"dilation must be a finite number > 0, got {dilation!r}")
         if not (math.isfinite(spin_s) and spin_s >= 0):
             raise ValueError(f"spin_s must be a finite number >= 0, got {spin_s!r}")
         self.dilation = float(dilation)
-        self.epoch_wall_s = time.monotonic() if epoch_wall_s is None else float(epoch_wall_s)
+        self._monotonic = time.monotonic if monotonic is None else monotonic
+        self._sleep = time.sleep if sleep is None else sleep
+        self.epoch_wall_s = self._monotonic() if epoch_wall_s is None else float(epoch_wall_s)
         self.spin_s = float(spin_s)
 
     def wall_now(self) -> float:
         """The host's monotonic wall time, the base of this clock."""
-        return time.monotonic()
+        return self._monotonic()
 
     def now_s(self) -> float:
-        return (time.monotonic() - self.epoch_wall_s) / self.dilation
+        return (self._monotonic() - self.epoch_wall_s) / self.dilation
 
     def to_wall(self, t_s: float) -> float:
         """The wall time at which emulated time reaches ``t_s``."""
@@ -87,10 +98,10 @@ class RealClock:
         if not math.isfinite(t_s):
             raise ValueError(f"cannot sleep until {t_s!r}")
         deadline = self.epoch_wall_s + t_s * self.dilation
-        remaining = deadline - time.monotonic()
+        remaining = deadline - self._monotonic()
         if remaining > self.spin_s:
-            time.sleep(remaining - self.spin_s)
-        while time.monotonic() < deadline:
+            self._sleep(remaining - self.spin_s)
+        while self._monotonic() < deadline:
             pass  # spin: sleep's wake-up is too late by ~90 us, a spin is not
 
 
