@@ -355,3 +355,19 @@ def test_random_bytes_as_a_trace(capsys, data):
         f = Path(d) / "trace.npz"
         f.write_bytes(data)
         refused(capsys, trace_args(f), str(f))
+
+
+def test_a_bad_policy_is_refused_before_the_run_header(tmp_path, capsys):
+    rc = main(["run", "--engine", "analytic", "--policies", "tp", "no-such-policy",
+               "--out", str(tmp_path / "out")])
+    cap = capsys.readouterr()
+    assert rc == 2 and "no-such-policy" in cap.err
+    assert "ndpmoe analytic:" not in cap.out  # nothing announced for a run that never starts
+    no_run_dir_made(tmp_path)
+
+
+def test_sweep_out_that_is_a_file_is_refused(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("")
+    refused(capsys, ["sweep", "--axis", "ndp.num_ndp_units=2,4", "--quiet", "--out", str(f)],
+            str(f), "not a directory")
