@@ -7,7 +7,7 @@ prefetcher's business); the schedulers differ in where the other experts run.
 from __future__ import annotations
 
 from policies.base import Scheduler, StepInput, tp_bounds
-from policies.plan import ALL_UNITS, GPU, Fetch, Plan, Task, _fill_gaps, time_plan
+from policies.plan import ALL_UNITS, GPU, Fetch, Plan, Task, time_plan
 from policies.registry import register
 
 
@@ -103,6 +103,24 @@ class TensorParallelLoadBalanced(TensorParallel):
     split by columns between the GPU and the NDP units (an extension beyond the paper).
     """
 
+    def __init__(self, cfg, cost) -> None:
+        super().__init__(cfg, cost)
+        self.widths = [hi - lo for lo, hi in self.bounds]
+        # a slowed unit's work is its healthy work times its factor, as in time_plan; with
+        # d_ff < N some units get no slice, so map each non-empty slice to its real unit
+        slice_units = [u for u, (lo, hi) in enumerate(tp_bounds(self.d_ff, self.num_units)) if hi > lo]
+        self.factor = [cost.unit_factor[u] for u in slice_units]
+        self._fetch_s = cost.fetch_s()
+        self.uniform = len(set(self.widths)) == 1 and all(f == 1.0 for f in self.factor)
+        # an expert's time depends only on its token count: computed once per count
+        self._ndp_of: dict[int, dict[int, float]] = {w: {} for w in sorted(set(self.widths))}
+        self._gpu_of: dict[int, float] = {}
+
+    def _add_token_count(self, n: int) -> None:
+        for w, per_n in self._ndp_of.items():
+            per_n[n] = self.cost.ndp_expert_s(n, w / self.d_ff)
+        self._gpu_of[n] = self.cost.gpu_expert_s(n)
+
     def plan(self, step: StepInput) -> Plan:
         cached_tasks: list[Task] = []
         cands: list[tuple[int, int]] = []
@@ -114,7 +132,7 @@ class TensorParallelLoadBalanced(TensorParallel):
         cands.sort()
         order = [e for _, e in cands]
         limit = min(len(order), self.max_fetch)
-        span = self._span_fn(step, cached_tasks, order)
+        span, bound = self._prefix_timing(step, cached_tasks, order)
         memo: dict[int, float] = {}
 
         def at(m: int) -> float:
@@ -123,7 +141,14 @@ class TensorParallelLoadBalanced(TensorParallel):
             return memo[m]
 
         if limit <= 16:
-            best = min(range(limit + 1), key=lambda m: (at(m), m))
+            # every prefix, but one whose GPU-side lower bound already loses to the best so
+            # far cannot win: skip timing it (the margin keeps rounding from deciding)
+            best = 0
+            for m in range(1, limit + 1):
+                if bound(m) > at(best) * (1 + 1e-9):
+                    continue
+                if at(m) < at(best):
+                    best = m
         else:
             lo, hi = 0, limit  # the first m where one more fetched expert stops helping
             while lo < hi:
@@ -140,74 +165,120 @@ class TensorParallelLoadBalanced(TensorParallel):
         return plan
 
     def _build(self, step: StepInput, cached_tasks: list[Task], order: list[int], m: int) -> Plan:
+        routed, d_ff = step.routed, self.d_ff
         tasks = list(cached_tasks)
-        fetches = []
-        for i, e in enumerate(order):
-            toks = step.routed[e]
-            if i < m:
-                tasks.append(self.gpu_task(e, toks))
-                fetches.append(Fetch(e, 0, self.d_ff))
-            else:
-                tasks.extend(self.ndp_tasks(e, toks))
-        return Plan(step.layer, tuple(tasks), tuple(fetches))
+        tasks += [self.gpu_task(e, routed[e]) for e in order[:m]]
+        tasks += [Task(ALL_UNITS, e, 0, d_ff, routed[e]) for e in order[m:]]
+        fetches = tuple(Fetch(e, 0, d_ff) for e in order[:m])
+        return Plan(step.layer, tuple(tasks), fetches)
 
     def _span_fn(self, step: StepInput, cached_tasks: list[Task], order: list[int]):
-        """``span(m)``: the makespan ``time_plan`` gives the plan moving ``order[:m]`` to the GPU.
+        """``span(m)``: the makespan ``time_plan`` gives the plan moving ``order[:m]`` to the GPU."""
+        return self._prefix_timing(step, cached_tasks, order)[0]
 
-        The same rules as :func:`policies.plan.time_plan`, specialised to this plan shape
-        (every NDP unit holds a slice of every remaining expert) so that all prefixes are
-        timed from suffix sums instead of building and timing each plan (tested equal).
+    def _prefix_timing(self, step: StepInput, cached_tasks: list[Task], order: list[int]):
+        """``span(m)``, the makespan ``time_plan`` gives the plan moving ``order[:m]`` to the
+        GPU, and ``bound(m)``, a lower bound of it from the GPU side alone.
+
+        ``span`` applies the rules of :func:`policies.plan.time_plan`, specialised to this
+        plan shape (every NDP unit holds a slice of every remaining expert), from suffix sums
+        instead of building and timing each plan (tested equal). ``bound(m)`` is O(1): the
+        GPU cannot finish before the m-th fetch has crossed the link (m fetches back to back)
+        and its last expert has run, nor before it has run all of its experts.
         """
-        cost, bounds, d_ff = self.cost, self.bounds, self.d_ff
-        U, F = len(bounds), len(order)
-        widths = [hi - lo for lo, hi in bounds]
-        # a slowed unit's work is its healthy work times its factor, as in time_plan; with
-        # d_ff < N some units get no slice, so map each non-empty slice to its real unit
-        slice_units = [u for u, (lo, hi) in enumerate(tp_bounds(d_ff, self.num_units)) if hi > lo]
-        factor = [cost.unit_factor[u] for u in slice_units]
-        distinct = sorted(set(widths))
-        ntok = [len(step.routed[e]) for e in order]
-        # suffix sums of unit work (one per distinct slice width) and suffix token-union sizes
-        suffix: dict[int, list[float]] = {w: [0.0] * (F + 1) for w in distinct}
+        cost, U, F = self.cost, len(self.bounds), len(order)
+        routed = step.routed
+        ndp_of, gpu_of = self._ndp_of, self._gpu_of
+        # one pass from the last candidate back: suffix sums of unit work (one column per
+        # distinct slice width) and suffix token-union sizes; GPU time of each candidate
+        cols = {w: [0.0] * (F + 1) for w in ndp_of}
         suffix_toks = [0] * (F + 1)
+        gpu_s = [0.0] * F
         seen: set[int] = set()
         for i in range(F - 1, -1, -1):
-            for w in distinct:
-                col = suffix[w]
-                col[i] = col[i + 1] + cost.ndp_expert_s(ntok[i], w / d_ff)
-            seen.update(step.routed[order[i]])
+            toks = routed[order[i]]
+            n = len(toks)
+            if n not in gpu_of:
+                self._add_token_count(n)
+            for w, col in cols.items():
+                col[i] = col[i + 1] + ndp_of[w][n]
+            gpu_s[i] = gpu_of[n]
+            seen.update(toks)
             suffix_toks[i] = len(seen)
-        all_tokens = set(seen)
+        unit_suffix = [cols[w] for w in self.widths]
+        factor = self.factor
+        all_tokens = seen
         for t in cached_tasks:
             all_tokens.update(t.tokens)
         g0 = sum(cost.gpu_expert_s(len(t.tokens)) for t in cached_tasks)
-        fetch = cost.fetch_s()
-        gpu_s = [cost.gpu_expert_s(n) for n in ntok]
+        fetch = self._fetch_s
         n_tokens = len(all_tokens)
+        combine = {p: cost.gpu_combine_s(n_tokens, p) for p in {0, 1, U, U + 1}}
+        has_cached = bool(cached_tasks)
+        unit_range = range(U)
+        unit_counts = range(1, U + 1)
+        uniform = self.uniform
 
         def span(m: int) -> float:
-            busy: list[tuple[float, float]] = []
-            partial_end = 0.0
+            partial_end = t_a = 0.0
             units = U if m < F else 0
+            starts: list[float] = []  # partials on the link: [start, start + t_a)
+            t = 0.0
             if units:
+                # activations go out back to back (units 0..U-1), then each partial leaves
+                # when its unit is done and the link is free
                 t_a = cost.transfer_s(cost.activation_bytes(suffix_toks[m]))
-                rel = sorted(((u + 1) * t_a + suffix[widths[u]][m] * factor[u], u) for u in range(U))
-                busy = [(u * t_a, (u + 1) * t_a) for u in range(U)]
-                link_t = U * t_a
-                for done, _ in rel:
+                link_t = t = U * t_a
+                if uniform:  # one slice width, no slowed unit: already in unit order
+                    s_m = unit_suffix[0][m]
+                    rel = [c * t_a + s_m for c in unit_counts]
+                else:
+                    rel = sorted([(u + 1) * t_a + unit_suffix[u][m] * factor[u] for u in unit_range])
+                for done in rel:
                     start = done if done > link_t else link_t
+                    starts.append(start)
                     link_t = start + t_a
-                    busy.append((start, link_t))
                 partial_end = link_t
+            # fetches, back to back in the gaps the partials leave after the activations (as
+            # _fill_gaps serves them); the GPU runs each fetched expert once it has arrived
             g = g0
-            if m:
-                for i, segs in enumerate(_fill_gaps(busy, 0.0, [fetch] * m)):
-                    f = segs[-1][1]
-                    g = (f if f > g else g) + gpu_s[i]
-            parts = units + (1 if (cached_tasks or m) else 0)
-            return max(g, partial_end) + cost.gpu_combine_s(n_tokens, parts)
+            i, nb, k = 0, len(starts), 0
+            while k < m and i < nb:
+                remaining = fetch
+                while True:
+                    while i < nb and starts[i] + t_a <= t:
+                        i += 1
+                    if i == nb:
+                        t += remaining
+                        break
+                    if starts[i] <= t:
+                        t = starts[i] + t_a
+                        i += 1
+                        continue
+                    if t + remaining <= starts[i]:
+                        t += remaining
+                        break
+                    remaining -= starts[i] - t
+                    t = starts[i] + t_a
+                    i += 1
+                g = (t if t > g else g) + gpu_s[k]
+                k += 1
+            for k in range(k, m):  # the link is free from here on
+                t += fetch
+                g = (t if t > g else g) + gpu_s[k]
+            parts = units + (1 if (has_cached or m) else 0)
+            return max(g, partial_end) + combine[parts]
 
-        return span
+        gpu_prefix = [g0]
+        for x in gpu_s:
+            gpu_prefix.append(gpu_prefix[-1] + x)
+
+        def bound(m: int) -> float:
+            parts = (U if m < F else 0) + 1
+            return max(m * fetch + gpu_s[m - 1], gpu_prefix[m]) + combine[parts]
+
+        return span, bound
+
     def _fractional(self, step: StepInput, plan: Plan, span: float, e: int) -> Plan:
         """Tries moving the first ``c`` columns of expert ``e`` to the GPU; keeps the best."""
         toks = step.routed[e]
