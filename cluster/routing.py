@@ -20,6 +20,7 @@ Sources:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,9 +262,31 @@ def import_vllm_routed_experts(routed_experts: np.ndarray, out: str | Path,
     return out
 
 
+ROUTING_BYTES_PER_CHOICE = 16  # int32 id + float32 weight, and the generator's temporaries
+
+
+def check_routing_size(cfg: Config) -> None:
+    """Refuses a workload whose routing arrays alone would not fit in half the machine's
+    memory (``batch_size x positions x layers x top_k`` choices), before allocating them."""
+    w, m = cfg.workload, cfg.model
+    positions = w.prompt_tokens + w.output_tokens - 1
+    need = w.batch_size * positions * m.num_layers * m.top_k * ROUTING_BYTES_PER_CHOICE
+    try:
+        half = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return
+    if need > half:
+        raise RoutingError(
+            f"the routing of workload.batch_size = {w.batch_size} x (workload.prompt_tokens + "
+            f"workload.output_tokens - 1) = {positions} positions x {m.num_layers} layers x top-"
+            f"{m.top_k} would take about {need / 1e9:.1f} GB, above half this machine's memory "
+            f"({half / 1e9:.1f} GB); use fewer tokens or a smaller batch")
+
+
 def build_routing(cfg: Config, rng: np.random.Generator | None = None) -> Routing:
-    """The run's routing from ``cfg.workload.routing``."""
+    """The run's routing from ``cfg.workload.routing`` (refused first if it cannot fit)."""
     w = cfg.workload
+    check_routing_size(cfg)
     rng = rng if rng is not None else np.random.default_rng(w.seed)
     if w.routing == "synthetic":
         return synthetic(cfg.model, w, rng)

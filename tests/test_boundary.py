@@ -371,3 +371,10 @@ def test_sweep_out_that_is_a_file_is_refused(tmp_path, capsys):
     f.write_text("")
     refused(capsys, ["sweep", "--axis", "ndp.num_ndp_units=2,4", "--quiet", "--out", str(f)],
             str(f), "not a directory")
+
+
+def test_a_workload_whose_routing_cannot_fit_in_memory_is_refused_before_allocating(capsys):
+    refused(capsys, ["run", "--engine", "analytic", "--set", "workload.output_tokens=1000000000",
+                     "--set", "gpu.mem_bytes=1000000000000000000",
+                     "--set", "ndp.capacity_bytes=1000000000000000000"],
+            "workload.output_tokens", "half this machine's memory")

@@ -202,3 +202,36 @@ def test_the_estimate_is_not_refused_for_the_default_run(tmp_path):
     assert est.dilation_assumed and est.dilation == preflight.ASSUMED_DILATION
     assert 0 < est.wall_s < cfg.emulate.max_wall_s
     assert est.weight_bytes <= 2 * (1 << 30) and est.memory_bytes < machine_memory_bytes()
+
+
+def test_sigterm_during_an_analytic_run_exits_130_with_partial_results(tmp_path):
+    """The signal goes to the process this test started, by its pid; it starts no children."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "run", "--engine", "analytic",
+                             "--no-plots", "--policies", "ep", "monde", "tp", "tp-lb", "paper",
+                             "eplb", "tp-lb+lru", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout is not None
+        header = proc.stdout.readline()  # printed once the inputs are checked, before the work
+        assert "ndpmoe analytic" in header, header
+        time.sleep(1.0)  # seven policies at 512 / 512: many seconds of work left
+        assert proc.poll() is None, proc.communicate()[0]
+        proc.send_signal(signal.SIGTERM)
+        text, _ = proc.communicate(timeout=60)
+        text = header + text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, text
+    assert "Traceback" not in text and "interrupted" in text
+    s = strict(out / "summary.json")
+    assert s["status"] == "failed" and "interrupted" in s["error"] and s["not_run"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
