@@ -175,7 +175,7 @@ def cmd_run(args: argparse.Namespace, console) -> int:
         opts = {"address": args.address, "save_outputs": args.save_outputs}
         est = preflight.estimate(cfg, routing, names)
         console.print(escape(est.describe()), highlight=False)
-        preflight.check(est, cfg)
+        preflight.check(est, cfg, local=args.address is None)
     res = run(cfg, names, args.engine, args.out, console=console, progress=not args.quiet,
               plots=not args.no_plots, overwrite=args.overwrite, routing=routing, **opts)
     console.print(results_table(res.summaries, args.engine))

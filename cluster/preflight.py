@@ -14,7 +14,8 @@ config and the analytic engine; no Ray.
   processes (:data:`RAY_BASE_BYTES`, :data:`ACTOR_BYTES` each, measured: ``ray.init`` ~400
   MB, ~47 MB per actor). The weights may use at most half the machine's memory (the rule
   ``weights.scale`` already follows) and the whole estimate must fit the memory available
-  now; otherwise the run is refused, naming ``weights.memory_budget_bytes``.
+  now; otherwise a local run is refused, naming ``weights.memory_budget_bytes``. (Attached
+  to a Ray cluster, the weights live on its nodes: the memory is printed, not checked.)
 """
 
 from __future__ import annotations
@@ -111,8 +112,9 @@ def estimate(cfg: Config, routing: Routing, names: Sequence[str]) -> Estimate:
                     available_memory_bytes())
 
 
-def check(est: Estimate, cfg: Config) -> None:
-    """Refuses a run estimated above ``emulate.max_wall_s`` or above the machine's memory."""
+def check(est: Estimate, cfg: Config, local: bool = True) -> None:
+    """Refuses a run estimated above ``emulate.max_wall_s`` or, for a local run (``local``;
+    on a Ray cluster the weights live on other machines), above this machine's memory."""
     limit = cfg.emulate.max_wall_s
     if est.wall_s > limit:
         how = (f"at an assumed D = {est.dilation:g} (set --dilation for an exact estimate)"
@@ -123,6 +125,8 @@ def check(est: Estimate, cfg: Config) -> None:
             f"{len(est.analytic_s)} policies x D, above emulate.max_wall_s = {limit:g} s; "
             "use fewer output tokens, fewer policies or a smaller --dilation, or allow it with "
             f"--set emulate.max_wall_s={int(est.wall_s * 1.2) + 1}")
+    if not local:
+        return
     half = est.machine_bytes // 2
     if est.weight_bytes > half:
         raise ConfigError(
