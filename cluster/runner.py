@@ -104,7 +104,11 @@ class _Partial(Exception):
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted by the user (Ctrl-C or SIGTERM)"
-    return f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
+    from cluster.errors import NdpmoeError
+
+    if isinstance(exc, NdpmoeError):  # already one paragraph for the user
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")  # a bug: say what kind
 
 
 def _run_into(run_dir: Path, cfg: Config, routing: Routing, names: list[str], engine: str,
