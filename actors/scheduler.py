@@ -1,31 +1,28 @@
-"""The scheduler actor: drives an :class:`~cluster.analytic.Episode` through the devices.
+"""The scheduler actor: dispatches plans and prefetch commands, and listens. Never paces.
 
-The scheduler owns the run's only clock and the host-link model (it plays the root complex
-between the GPU and the NDP units). For every MoE step it asks the policy for a plan (the
-episode does), times it with the shared rules of :func:`policies.plan.time_plan`, and then:
+The scheduler plays the host CPU's MoE runtime. The GPU runs the model forward by itself and,
+after each router, tells the scheduler which experts its tokens chose (``event`` ``routed``,
+with the expert weights that have landed in its cache since). The scheduler then asks the
+policy for the step's plan (pure code, :mod:`policies`) and sends, all stamped with the time
+they take effect at their receivers (``at_s``):
 
-1. sends each NDP unit its tasks with the activations of the tokens it needs, stamped with
-   the emulated time the link model delivers them;
-2. collects every unit's partial output, stamped by the unit's own cost model;
-3. sends the GPU its own tasks (each with the time its weights are ready: at once if cached,
-   when the link delivers the fetch otherwise) and every partial with its link arrival time;
-4. receives the GPU's completion time, checks every device's stamps against the plan's timing
-   (a mismatch is a bug and is counted), and paces: sleeps until the step's emulated end.
+1. each NDP unit its shards (``cmd`` ``moe``: experts, column slices, gate weights);
+2. the GPU its own tasks, which cached transfer or in-flight fetch each one uses, which units
+   to send activations to and expect partials from, evictions and fetches to keep;
+3. the unit that holds an expert whole the order to ship it to the GPU over the link
+   (``cmd`` ``ship``: on-demand fetches, and the prefetcher's background moves), or the link
+   the order to upgrade a prefetch already in flight to the fetch class, or to cancel one.
 
-Pacing makes wall-clock time follow emulated time times the dilation D. When the real work
-and messaging of a segment take longer than its modelled duration x D, the scheduler reaches
-the pacing point late: that is an **overrun**, counted with its lag, never hidden. Reported
-emulated latency is the clock's reading (wall-clock / D) at the last token.
+It then waits for the next event. Nothing here times a plan: the devices throttle themselves
+(:mod:`actors.devices`), the link throttles every transfer (:mod:`actors.link`), and the run's
+latency is read off the wall clock where the GPU finishes each token. The scheduler's own
+hop is modelled as one link latency each way (router -> scheduler, scheduler -> devices);
+with ``emulate.charge_decision_time`` each plan also holds the step for the real time the
+policy took to decide (host speed, undilated).
 
-Fetched and prefetched expert weights are regenerated on the GPU from the seed rather than
-shipped; the link model charges their bytes. Ray appears nowhere here (see cluster.launch).
-
-Faults (DESIGN.md section 9) are the :class:`Dispatcher`'s business: deadlines, heartbeats
-(a device waited on, or paced past, that stays silent for ``emulate.heartbeat_timeout_s`` is
-dead), recovery of restarted NDP units (``emulate.recover``: re-warm, reset, re-dispatch the
-interrupted task), and retries of messages lost to an injected ``drop:P``. Wall time lost to
-recovery and retries moves the run clock's epoch, so emulated time never includes it; it is
-reported as ``recovery_wall_s`` and ``retry_wall_s``. A failed run leaves its records with
+Faults (DESIGN.md section 9) are the :class:`Dispatcher`'s business: deadlines on every
+wait, heartbeats (a device silent for ``emulate.heartbeat_timeout_s`` is dead, and the run
+fails naming it and the step it was given). A failed run leaves what it recorded with
 :meth:`SchedulerCore.partial`.
 """
 
@@ -34,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,13 +42,14 @@ import numpy as np
 import policies
 from actors import kernels as K
 from actors import wire
-from actors.clock import Clock, RealClock, wall_now
+from actors.clock import wall_now
+from actors.link import CLASS_FETCH, CLASS_PREFETCH, LINK_PEER
 from actors.transport import Transport
-from cluster.analytic import Episode, Executor
+from cluster.analytic import make_prefetcher, policy_cost_config
+from cluster.cost import CostModel
 from cluster.errors import EmulationError
 from cluster.faults import Kill, parse_inject
-from cluster.metrics import PolicyRecords
-from cluster.routing import Routing
+from cluster.routing import Routing, group_by_expert
 from cluster.spec import Config
 
 GPU_PEER = b"gpu"
@@ -75,30 +75,25 @@ def heartbeat_peer(peer: bytes) -> bytes:
 
 @dataclass
 class EmulationStats:
-    """What the scheduler measured while driving one policy."""
+    """What the scheduler observed while one policy ran (device and link reports added)."""
 
-    segments: int = 0
-    overruns: int = 0
-    lag_max_s: float = 0.0
-    lag_total_s: float = 0.0
-    stamp_mismatches: int = 0
-    stamp_mismatch_max_s: float = 0.0
     messages: int = 0
-    ratios: list[float] = field(default_factory=list)  # real wall / modelled, per segment
     wall_s: float = 0.0
-    emulated_e2e_s: float = 0.0
-    recoveries: int = 0  # dead units restarted and rejoined
-    recovery_wall_s: float = 0.0  # wall time lost to them, taken out of emulated time
-    retries: int = 0  # task messages sent again after no reply within the per-try wait
-    retry_wall_s: float = 0.0  # wall time lost waiting for replies that never came
-    dropped: int = 0  # task messages dropped by the injected drop:P fault
-    kills: list[str] = field(default_factory=list)  # injected kills fired, "ndpK@decode step S layer L"
+    epoch_s: float = 0.0
+    decisions_s: list[float] = field(default_factory=list)  # real plan time per MoE step
+    recoveries: int = 0
+    recovery_wall_s: float = 0.0
+    retries: int = 0
+    retry_wall_s: float = 0.0
+    dropped: int = 0
+    kills: list[str] = field(default_factory=list)  # injected kills fired
+    reports: dict[str, Any] = field(default_factory=dict)  # device/link name -> its report
+    steps: list[dict[str, Any]] = field(default_factory=list)  # per MoE step, what was decided
+    plans: list[Any] = field(default_factory=list)  # the plans, in step order
+    ratios: list[float] = field(default_factory=list)  # real compute / modelled, every slot
 
     def as_dict(self) -> dict[str, Any]:
-        return {"overruns": self.overruns, "paced_segments": self.segments,
-                "lag_max_s": self.lag_max_s, "lag_total_s": self.lag_total_s,
-                "stamp_mismatches": self.stamp_mismatches, "messages": self.messages,
-                "wall_s": self.wall_s, "recoveries": self.recoveries,
+        return {"messages": self.messages, "wall_s": self.wall_s, "recoveries": self.recoveries,
                 "recovery_wall_s": self.recovery_wall_s, "retries": self.retries,
                 "retry_wall_s": self.retry_wall_s, "dropped_messages": self.dropped,
                 "injected_kills": list(self.kills)}
@@ -169,7 +164,8 @@ class Dispatcher:
         self.sent = 0
         self.pending: dict[int, _Pending] = {}
         self.inbox: dict[int, tuple[wire.Message, _Pending]] = {}
-        self.pongs: set[tuple[bytes, int]] = set()
+        self.pongs: dict[tuple[bytes, int], float] = {}  # -> the peer's wall clock at the pong
+        self.events: deque[tuple[bytes, wire.Message]] = deque()
         self.last_seen: dict[bytes, float] = {}
         self.incarnation: dict[bytes, Any] = {}
         self.down: dict[bytes, tuple[float, str]] = {}  # peer -> (since, cause), awaiting rejoin
@@ -227,7 +223,9 @@ class Dispatcher:
         elif msg.type == "hello":
             self._hello(base, peer == base, msg.fields.get("incarnation"), what)
         elif msg.type == "pong":
-            self.pongs.add((base, msg.fields["seq"]))
+            self.pongs[(base, msg.fields["seq"])] = float(msg.fields.get("wall_s", math.nan))
+        elif msg.type == "event":
+            self.events.append((base, msg))
         elif msg.type == "error" and errors:
             p = self.pending.get(msg.fields.get("task_id", -1))
             raise EmulationError(f"{base.decode()} rejected {p.what if p else what}: "
@@ -386,8 +384,45 @@ class Dispatcher:
         tid = self.send(peer, fields, arrays, what)
         return self.gather({tid: peer}, what, timeout_s)[peer]
 
+    def next_event(self, what: str, timeout_s: float | None = None) -> tuple[bytes, wire.Message]:
+        """The next ``event`` from a device, watching every known device's heartbeat meanwhile
+        (a silent one is dead: the run fails naming it and ``what``)."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        hb = self.heartbeat_timeout_s
+        start = wall_now()
+        while not self.events:
+            now = wall_now()
+            if hb and now - start > min(hb, 0.5):
+                for peer in sorted(self.incarnation):
+                    silent = now - self.last_seen.get(peer, start)
+                    if silent > hb:
+                        self._mark_down(peer, f"went silent: no heartbeat for {silent:.1f} s "
+                                        f"(emulate.heartbeat_timeout_s = {hb:g})", what)
+            if now - start > timeout:
+                raise EmulationError(f"no progress from the devices within {timeout:g} s while "
+                                     f"the scheduler awaited {what}")
+            got = self.tr.recv(POLL_S)
+            if got is not None:
+                self._handle(got[0], got[1], what)
+        return self.events.popleft()
+
+    def post(self, peer: bytes, kind: str, fields: dict[str, Any],
+             arrays: list[np.ndarray] = ()) -> None:
+        """A one-way ``cmd`` (no reply): dispatch is fire-and-forget, the devices listen."""
+        self.sent += 1
+        try:
+            self.tr.send(peer, wire.encode("cmd", {"kind": kind, **fields}, list(arrays)))
+        except EmulationError as exc:
+            self._mark_down(peer, f"is unreachable ({exc})", f"a {kind} command")
+
     def ping(self, peer: bytes, n: int = 20) -> list[float]:
         """Round trips to ``peer`` in wall seconds (calibration and health)."""
+        return [rtt for rtt, _ in self.ping_clock(peer, n)]
+
+    def ping_clock(self, peer: bytes, n: int = 20) -> list[tuple[float, float]]:
+        """Round trips to ``peer`` with the clock offset each one implies: ``(rtt, offset)``
+        where ``offset`` = this host's wall time at the round trip's middle minus the peer's
+        (NTP's estimate; its error is at most half the round trip)."""
         out = []
         for _ in range(n):
             seq = next(self.ping_seq)
@@ -401,131 +436,53 @@ class Dispatcher:
                     raise EmulationError(f"{peer.decode()} did not answer a ping within {self.timeout_s:g} s")
                 if got is not None:
                     self._handle(got[0], got[1], "a ping", errors=False)
-            self.pongs.discard((peer, seq))
-            out.append(wall_now() - t0)
+            t1 = wall_now()
+            theirs = self.pongs.pop((peer, seq))
+            out.append((t1 - t0, (t0 + t1) / 2 - theirs))
         return out
 
 
-class EmulationExecutor(Executor):
-    """Runs an episode's work on the devices over ``transport`` and paces it on ``clock``.
+def step_order(cfg: Config, decode_steps: int) -> list[tuple[str, int, int]]:
+    """(phase, step, layer) of every MoE step of a run, in the order the GPU reaches them."""
+    L = cfg.model.num_layers
+    out = [("prefill", 0, layer) for layer in range(L)]
+    for s in range(1, decode_steps + 1):
+        out += [("decode", s, layer) for layer in range(L)]
+    return out
 
-    ``calibrate``: no sleeping; record how long each segment's real work takes relative to
-    its modelled duration (the dilation calibration).
 
-    ``kills``: injected ``kill:ndpK@stepS`` faults still to fire (shared with the caller, which
-    keeps them across runs: each fires once). Before the MoE step that first sends unit K work
-    at or after decode step S, the unit is told to ``die``; the task that follows is the
-    interrupted one. Wall time the dispatcher reports lost (recovery, retries) moves the
-    clock's epoch, so it does not count as emulated time.
+class PolicyRun:
+    """One policy's run on the devices, from the scheduler's side: plan, dispatch, record.
+
+    Keeps the scheduler's books: which experts have landed on the GPU (as it reported), which
+    transfers are in flight (prefetches, kept fetches), which transfer id each key has.
     """
 
-    def __init__(self, cfg: Config, routing: Routing, transport: Transport, clock: Clock,
-                 timeout_s: float, calibrate: bool = False, tolerance_s: float = 0.0,
-                 net: Dispatcher | None = None, kills: list[Kill] | None = None) -> None:
-        self.cfg, self.routing, self.tr, self.clock = cfg, routing, transport, clock
-        self.timeout_s = timeout_s
-        self.calibrate = calibrate
-        self.tolerance_s = tolerance_s
+    def __init__(self, core: SchedulerCore, name: str, routing: Routing, dilation: float,
+                 decode_steps: int) -> None:
+        self.core, self.cfg, self.name, self.routing = core, core.cfg, name, routing
+        cfg = self.cfg
+        choice = policies.resolve(name)
+        sched_cls = policies.get("scheduler", choice.scheduler)
+        self.cost_cfg = policy_cost_config(cfg, sched_cls, policies.get("prefetcher", choice.prefetcher))
+        self.cost = CostModel(self.cost_cfg)
+        self.sched = sched_cls(cfg, self.cost)
+        self.pf = make_prefetcher(cfg, choice.prefetcher, routing)
+        self.choice = choice
+        self.D = dilation
+        self.lat_s = self.cost.link_latency_s
+        self.N = cfg.ndp.num_ndp_units
+        self.d_ff = cfg.model.d_ff
+        self.order = step_order(cfg, decode_steps)
+        self.landed: dict[tuple[int, int], int] = {}  # key -> transfer id, on the GPU
+        self.inflight: dict[tuple[int, int], int] = {}  # key -> transfer id, prefetch in flight
+        self.pids = itertools.count(1)
+        self.orders = itertools.count(1)
         self.stats = EmulationStats()
-        self.net = net or Dispatcher(transport, timeout_s)
-        self.kills = kills if kills is not None else []
-        self.xn: np.ndarray | None = None
-        self.current: tuple[str, int] | None = None
-        self.where: tuple[str, int, int] = ("prefill", 0, -1)  # (phase, step, layer) at work
-        self.last_mark: tuple[float, float] = (wall_now(), 0.0)  # (wall, emulated) at last pace
-        self.n_units = cfg.ndp.num_ndp_units
+        self.where: tuple[str, int, int] = ("prefill", 0, -1)
+        self.tokens_done = 0
 
-    def lost(self, wall_s: float, why: str) -> None:
-        """``wall_s`` of wall time went to recovery or retries: not emulated time."""
-        shift = getattr(self.clock, "shift_epoch", None)
-        if shift is not None and not self.calibrate:
-            shift(wall_s)
-        self.last_mark = (self.last_mark[0] + wall_s, self.last_mark[1])
-        if why == "recovery":
-            self.stats.recovery_wall_s += wall_s
-        else:
-            self.stats.retry_wall_s += wall_s
-
-    @staticmethod
-    def step_name(phase: str, step: int, layer: int | None = None) -> str:
-        at = f"{phase} step {step}"
-        return at if layer is None or layer < 0 else f"{at}, layer {layer}"
-
-    def _send(self, peer: bytes, fields: dict[str, Any], arrays: list[np.ndarray] = (),
-              what: str = "") -> int:
-        self.stats.messages += 1
-        return self.net.send(peer, fields, arrays, what)
-
-    def call(self, peer: bytes, fields: dict[str, Any], arrays: list[np.ndarray] = (),
-             what: str = "") -> wire.Message:
-        self.stats.messages += 1
-        return self.net.call(peer, fields, arrays, what)
-
-    # --- pacing ---------------------------------------------------------------------------
-    def _pace(self, target_s: float) -> None:
-        """Wall-clock catches up with emulated ``target_s``; lateness is an overrun."""
-        st = self.stats
-        st.segments += 1
-        wall = wall_now()
-        prev_wall, prev_emu = self.last_mark
-        if self.calibrate:
-            modelled = target_s - prev_emu
-            if modelled > 0:
-                st.ratios.append((wall - prev_wall) / modelled)
-            self.last_mark = (wall, target_s)
-            return
-        lag = self.clock.now_s() - target_s
-        if lag > self.tolerance_s:
-            st.overruns += 1
-            st.lag_total_s += lag
-            st.lag_max_s = max(st.lag_max_s, lag)
-        else:
-            to_wall = getattr(self.clock, "to_wall", None)
-            if to_wall is not None and self.net.heartbeat_timeout_s:
-                # a long wait watches the heartbeats: a death is noticed within the timeout
-                until = to_wall(target_s) - IDLE_MARGIN_S
-                if until - wall_now() > IDLE_MIN_S:
-                    self.net.idle_until(until, f"the end of {self.step_name(*self.where)} (pacing)")
-            self.clock.sleep_until_s(target_s)
-        self.last_mark = (wall_now(), target_s)
-
-    def _check(self, got: float, want: float) -> None:
-        err = abs(got - want)
-        if err > 1e-9 + 1e-9 * abs(want):
-            self.stats.stamp_mismatches += 1
-            self.stats.stamp_mismatch_max_s = max(self.stats.stamp_mismatch_max_s, err)
-
-    # --- Executor hooks -------------------------------------------------------------------
-    def _begin(self, phase: str, step: int) -> None:
-        if self.current != (phase, step):
-            self.current = (phase, step)
-            self.where = (phase, step, -1)
-            self.call(GPU_PEER, {"kind": "begin", "phase": phase, "step": step},
-                      what=f"gpu begin of {self.step_name(phase, step)}")
-
-    def _ctx(self, phase: str, step: int) -> int:
-        P = self.cfg.workload.prompt_tokens
-        return P if phase == "prefill" else P + step
-
-    def gpu_work(self, kind: str, phase: str, step: int, layer: int, start_s: float,
-                 seconds: float) -> None:
-        self._begin(phase, step)
-        if kind == "head":
-            self._pace(start_s + seconds)
-            return
-        self.where = (phase, step, layer)
-        if kind == "dense":
-            r = self.call(GPU_PEER, {"kind": "dense", "index": layer, "start_s": start_s,
-                                     "ctx": self._ctx(phase, step)},
-                          what=f"{self.step_name(phase, step)}, dense layer {layer}")
-        else:
-            r = self.call(GPU_PEER, {"kind": "attention", "layer": layer, "start_s": start_s,
-                                     "ctx": self._ctx(phase, step)},
-                          what=f"{self.step_name(phase, step, layer)} attention")
-            self.xn = np.array(r.arrays[0])
-        self._check(r.fields["done_s"], start_s + seconds)
-        self._pace(start_s + seconds)
-
+    # --- one MoE step ---------------------------------------------------------------------
     def _step_routing(self, phase: str, step: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
         r = self.routing
         if phase == "prefill":
@@ -533,20 +490,104 @@ class EmulationExecutor(Executor):
             return r.prefill_ids(layer), w.reshape(-1, w.shape[-1])
         return r.decode_ids(step - 1, layer), r.topk_weights[:, r.prompt_tokens + step - 1, layer]
 
-    def moe(self, phase: str, step: int, layer: int, plan: policies.Plan,
-            timing: policies.StepTiming, start_s: float) -> None:
+    def on_routed(self, f: dict[str, Any]) -> None:
+        seq, layer = int(f["seq"]), int(f["layer"])
+        phase, step, lay = self.order[seq]
+        if lay != layer:
+            raise EmulationError(f"gpu reached layer {layer} where the scheduler expected {lay} "
+                                 f"(MoE step {seq})")
+        self.where = (phase, step, layer)
+        for lay_, e, pid in f["landed"]:
+            key = (int(lay_), int(e))
+            if self.inflight.get(key) == int(pid):
+                del self.inflight[key]
+                self.landed[key] = int(pid)
+        t0 = wall_now()
         ids, weights = self._step_routing(phase, step, layer)
-        xn = self.xn
+        routed = group_by_expert(ids)
+        pf = self.pf
+        resident = frozenset(e for e in pf.cache.layer(layer) if (layer, e) in self.landed)
+        inp = policies.StepInput(layer, phase, routed, resident)
+        plan = self.sched.plan(inp)
+        more: list[tuple[int, int]] = []
+        fetched_whole = [fe.expert for fe in plan.fetches if fe.col_start == 0 and fe.col_end == self.d_ff]
+        if phase == "decode":
+            more = pf.after_step(layer, step - 1, {e: len(v) for e, v in routed.items()}, fetched_whole)
+        evicted = self._drain_evicted()
+        self.sched.observe(inp)
+        decision = wall_now() - t0
+        self.stats.decisions_s.append(decision)
+        charge = decision if self.cfg.emulate.charge_decision_time else 0.0
+        at = float(f["at_s"]) + self.D * (charge + self.lat_s)  # the commands take effect then
+        self._dispatch(seq, phase, step, layer, plan, ids, weights, more, evicted, at)
+        self.stats.steps.append({"seq": seq, "phase": phase, "step": step, "layer": layer,
+                                 "active": len(routed), "hits": sum(1 for e in routed if e in resident),
+                                 "fetched": len(plan.fetches), "decision_s": decision,
+                                 "gpu_experts": sum(1 for t in plan.tasks if t.device == policies.GPU)})
+        self.stats.plans.append(plan)
+
+    def _drain_evicted(self) -> list[tuple[int, int]]:
+        cache = self.pf.cache
+        out = [k for k in cache.evicted if k not in cache]
+        cache.evicted.clear()
+        return out
+
+    def _dispatch(self, seq: int, phase: str, step: int, layer: int, plan: policies.Plan,
+                  ids: np.ndarray, weights: np.ndarray, more: list[tuple[int, int]],
+                  evicted: list[tuple[int, int]], at: float) -> None:
+        net, N, d_ff = self.core.net, self.N, self.d_ff
         per_unit: dict[int, list[policies.Task]] = {}
         gpu_tasks: list[policies.Task] = []
-        for t in plan.expand(self.n_units):
+        for t in plan.expand(N):
             (gpu_tasks if t.device == policies.GPU else per_unit.setdefault(t.device, [])).append(t)
-        self.where = (phase, step, layer)
-        at = self.step_name(phase, step, layer)
-        if self.kills and not self.calibrate and phase == "decode":
+        # evictions: landed ones leave the GPU's cache, in-flight ones are cancelled
+        evict_pids, cancel = [], []
+        for key in evicted:
+            if key in self.landed:
+                evict_pids.append(self.landed.pop(key))
+            elif key in self.inflight:
+                pid = self.inflight.pop(key)
+                evict_pids.append(pid)
+                cancel.append(pid)
+        # on-demand fetches: upgrade a prefetch in flight, else ship from the unit holding it
+        ships: dict[int, list[list[int]]] = {}
+        upgrades: list[list[int]] = []
+        fetch_pid: dict[tuple[int, int, int], int] = {}
+        keep: list[int] = []
+        for fe in plan.fetches:
+            key = (layer, fe.expert)
+            whole = fe.col_start == 0 and fe.col_end == d_ff
+            order = next(self.orders)
+            if whole and key in self.inflight:
+                pid = self.inflight[key]
+                upgrades.append([pid, order])
+            else:
+                pid = next(self.pids)
+                ships.setdefault(fe.expert % N, []).append(
+                    [layer, fe.expert, fe.col_start, fe.col_end, pid, order])
+                if whole and key in self.pf.cache:  # admitted: the GPU keeps it when it lands
+                    keep.append(pid)
+                    self.inflight[key] = pid
+            fetch_pid[(fe.expert, fe.col_start, fe.col_end)] = pid
+        # background prefetches after this step's fetches
+        pre: dict[int, list[list[int]]] = {}
+        for key in more:
+            if key in self.landed or key in self.inflight or key not in self.pf.cache:
+                continue
+            pid = next(self.pids)
+            self.inflight[key] = pid
+            pre.setdefault(key[1] % N, []).append([key[0], key[1], 0, d_ff, pid, next(self.orders)])
+        if cancel:
+            net.post(LINK_PEER, "cancel", {"pids": cancel, "at_s": at})
+        if upgrades:
+            net.post(LINK_PEER, "upgrade", {"items": upgrades, "at_s": at})
+        for u, items in sorted(ships.items()):
+            net.post(unit_peer(u), "ship", {"class": "fetch", "items": items, "at_s": at, "seq": seq})
+        for u, items in sorted(pre.items()):
+            net.post(unit_peer(u), "ship", {"class": "prefetch", "items": items, "at_s": at})
+        if self.core.kills and phase == "decode" and self.inject:
             self._inject_kills(step, layer, per_unit)
-        # 1. activations and tasks to the units, stamped with their link arrival
-        waiting: dict[int, bytes] = {}
+        # the units' shards
         unit_rows: dict[int, np.ndarray] = {}
         for u, tasks in sorted(per_unit.items()):
             toks = np.unique(np.concatenate([np.asarray(t.tokens, dtype=np.int64) for t in tasks]))
@@ -557,165 +598,249 @@ class EmulationExecutor(Executor):
                 meta.append([t.expert, t.col_start, t.col_end, len(tok)])
                 rows.append(np.searchsorted(toks, tok).astype(np.int32))
                 gates.append(K.gate_weights_for(ids, weights, t.expert, tok))
-            tid = self._send(unit_peer(u), {
-                "kind": "moe", "layer": layer, "arrival_s": start_s + timing.unit_arrival_s[u],
-                "meta": meta}, [np.ascontiguousarray(xn[toks]), np.concatenate(rows),
-                                np.concatenate(gates).astype(np.float32)], f"{at} expert shards")
-            waiting[tid] = unit_peer(u)
-        results = self.net.gather(waiting, f"{at} expert shards") if waiting else {}
-        # 2. the GPU: its own tasks (ready when cached or fetched) and every partial
+            net.post(unit_peer(u), "moe", {"seq": seq, "layer": layer, "at_s": at, "meta": meta},
+                     [np.concatenate(rows), np.concatenate(gates).astype(np.float32)])
+        # the GPU: its experts (cached transfer or fetch to wait for), units, evictions
         meta, rows, gates = [], [], []
         for t in gpu_tasks:
             tok = np.asarray(t.tokens, dtype=np.int64)
-            ready = start_s + timing.fetch_done_s.get(t.expert, 0.0)
-            meta.append([t.expert, t.col_start, t.col_end, len(tok), ready])
+            pid = fetch_pid.get((t.expert, t.col_start, t.col_end))
+            if pid is None:  # a fetch may cover a wider slice than this task (fractional split)
+                pid = next((p for (e, lo, hi), p in fetch_pid.items()
+                            if e == t.expert and lo <= t.col_start and t.col_end <= hi), None)
+            fetched = pid is not None
+            if not fetched:
+                pid = self.landed.get((layer, t.expert))
+                if pid is None:
+                    raise EmulationError(f"plan of {self.name} runs L{layer} e{t.expert} on the GPU "
+                                         f"but it is neither cached nor fetched")
+            meta.append([t.expert, t.col_start, t.col_end, len(tok), pid, int(fetched)])
             rows.append(tok.astype(np.int32))
             gates.append(K.gate_weights_for(ids, weights, t.expert, tok))
-        parts, arrays = [], [
-            np.concatenate(rows) if rows else np.zeros(0, np.int32),
-            np.concatenate(gates).astype(np.float32) if gates else np.zeros(0, np.float32)]
-        for u in sorted(per_unit):
-            r = results[unit_peer(u)]
-            self._check(r.fields["done_s"], start_s + timing.unit_done_s[u])
-            parts.append([u, len(unit_rows[u]), start_s + timing.partial_arrival_s[u]])
-            arrays += [r.arrays[0], unit_rows[u]]
-        done = self.call(GPU_PEER, {"kind": "moe", "layer": layer, "start_s": start_s,
-                                    "meta": meta, "parts": parts}, arrays, f"{at} combine")
-        end = start_s + timing.makespan_s
-        self._check(done.fields["done_s"], end)
-        self._pace(end)
+        units = sorted(per_unit)
+        arrays = [np.concatenate(rows) if rows else np.zeros(0, np.int32),
+                  np.concatenate(gates).astype(np.float32) if gates else np.zeros(0, np.float32),
+                  *(unit_rows[u] for u in units)]
+        net.post(GPU_PEER, "moe", {"seq": seq, "layer": layer, "at_s": at, "meta": meta,
+                                   "units": units, "evict": evict_pids, "keep": keep}, arrays)
+        self.stats.messages += 1 + len(per_unit) + len(ships) + len(pre)
+
+    def on_token(self, f: dict[str, Any]) -> None:
+        self.tokens_done += 1
+        if int(f["step"]) != 0:
+            return
+        counts = self.routing.prefill_counts(self.cfg.model.num_experts)
+        more = self.pf.after_prefill(counts)
+        evicted = self._drain_evicted()
+        at = float(f["at_s"]) + self.D * self.lat_s
+        pre: dict[int, list[list[int]]] = {}
+        for key in more:
+            if key in self.landed or key in self.inflight or key not in self.pf.cache:
+                continue
+            pid = next(self.pids)
+            self.inflight[key] = pid
+            pre.setdefault(key[1] % self.N, []).append([key[0], key[1], 0, self.d_ff, pid,
+                                                        next(self.orders)])
+        for key in evicted:  # (a prefetcher that evicts at the end of prefill)
+            self.landed.pop(key, None)
+            self.inflight.pop(key, None)
+        for u, items in sorted(pre.items()):
+            self.core.net.post(unit_peer(u), "ship", {"class": "prefetch", "items": items, "at_s": at})
 
     def _inject_kills(self, step: int, layer: int, per_unit: dict[int, list]) -> None:
-        """Tells each unit due to die now to ``die``, just before its task of this step."""
-        for k in list(self.kills):
+        """Tells each unit due to die now to ``die``, just before its shards of this step."""
+        for k in list(self.core.kills):
             if step >= k.step and k.unit in per_unit:
-                self.kills.remove(k)
-                # straight to the transport: an injected fault is neither dropped nor retried
-                self.tr.send(unit_peer(k.unit), wire.encode("task", {
-                    "task_id": next(self.net.ids), "kind": "die"}))
-                self.stats.kills.append(f"ndp{k.unit}@{self.step_name('decode', step, layer)}")
+                self.core.kills.remove(k)
+                self.core.tr.send(unit_peer(k.unit), wire.encode("task", {
+                    "task_id": next(self.core.net.ids), "kind": "die"}))
+                self.stats.kills.append(f"ndp{k.unit}@decode step {step}, layer {layer}")
 
-    def token_done(self, step: int, time_s: float) -> None:
-        self.call(GPU_PEER, {"kind": "end"}, what=f"gpu end of {self.step_name(*self.current)}"
-                  if self.current else "gpu end of step")
-        self.current = None
+    inject = True
 
 
 class SchedulerCore:
     """The scheduler actor's body: run policies, collect outputs. Plain class (Ray-free).
 
     Keeps the running policy's records (:meth:`partial`) so that a driver can fetch what a
-    failed run produced. With ``emulate.recover`` a restarted unit is re-warmed with the
-    slices :meth:`warm` gave it and reset with the running policy's cost model before its
-    interrupted task is sent again.
+    failed run produced.
     """
 
     def __init__(self, cfg: Config, routing: Routing, transport: Transport) -> None:
         self.cfg, self.routing, self.tr = cfg, routing, transport
         self.timeout_s = cfg.emulate.recv_timeout_s
         self.faults = parse_inject(cfg.emulate.inject)
-        rng = np.random.default_rng([cfg.workload.seed, 0xD809])  # drops: seeded, own stream
+        rng = np.random.default_rng([cfg.workload.seed, 0xD809])
         self.net = Dispatcher(transport, self.timeout_s,
                               heartbeat_timeout_s=cfg.emulate.heartbeat_timeout_s,
-                              recover=cfg.emulate.recover, drop_p=self.faults.drop_p, rng=rng)
-        self.net.on_rejoin = self._rejoin
+                              recover=False, rng=rng)
         self.kills: list[Kill] = list(self.faults.kills)  # each fires once per cluster
         self.layouts: dict[int, np.ndarray] = {}
-        self._reset_fields: dict[str, Any] | None = None
-        self._last: tuple[PolicyRecords, EmulationStats, tuple[str, int, int]] | None = None
+        self.offsets: dict[bytes, float] = {}  # peer -> wall offset to this host's clock
+        self.offset_residual_s: dict[str, float] = {}
+        self.device_overrides: dict[str, Any] = {}  # tests: reset fields every device gets
+        self._last: tuple[Any, EmulationStats, tuple[str, int, int]] | None = None
+        self.progress_tokens = 0
+        self.hop_s = 0.0  # one-way hop, 90th percentile (sync_clocks): the link's lookahead
+
+    def peers(self) -> list[bytes]:
+        return [GPU_PEER, *(unit_peer(u) for u in range(self.cfg.ndp.num_ndp_units))]
 
     def ping(self, peer: bytes, n: int = 20) -> list[float]:
         return self.net.ping(peer, n)
 
-    def _all(self, fields: dict[str, Any], what: str, units_only: bool = False,
-             arrays: dict[int, list[np.ndarray]] | None = None,
-             timeout_s: float | None = None) -> dict[bytes, wire.Message]:
-        peers = {} if units_only else {GPU_PEER: -1}
-        peers.update({unit_peer(u): u for u in range(self.cfg.ndp.num_ndp_units)})
-        if arrays is not None:
-            peers = {p: u for p, u in peers.items() if u in arrays}
-        waiting = {self.net.send(p, fields, (arrays or {}).get(u, []), what): p
-                   for p, u in peers.items()}
-        return self.net.gather(waiting, what, timeout_s)
+    def sync_clocks(self, n: int = 8) -> dict[str, float]:
+        """Estimates each device's (and the link's) wall-clock offset to this host by ping
+        exchange (the round trip with the smallest time wins); returns the residual
+        uncertainty per peer (half that round trip), in seconds."""
+        rtts = []
+        for peer in [*self.peers(), LINK_PEER]:
+            got = self.net.ping_clock(peer, n)
+            rtts += [r for r, _ in got]
+            best = min(got)
+            self.offsets[peer] = best[1]
+            self.offset_residual_s[peer.decode()] = best[0] / 2
+        self.hop_s = float(np.quantile(rtts, 0.9)) / 2
+        return dict(self.offset_residual_s)
 
-    def reset(self, ndp_internal_bw_gbps: float | None = None) -> None:
-        """A new policy starts: devices forget their queues and take its cost model."""
-        bw = self.cfg.ndp.internal_bw_gbps if ndp_internal_bw_gbps is None else ndp_internal_bw_gbps
-        self._reset_fields = {"kind": "reset", "ndp_internal_bw_gbps": float(bw)}
-        self._all(self._reset_fields, "reset")
+    def _all(self, fields: dict[str, Any], what: str, peers: list[bytes] | None = None,
+             arrays: dict[bytes, list[np.ndarray]] | None = None,
+             per_peer: dict[bytes, dict[str, Any]] | None = None,
+             timeout_s: float | None = None) -> dict[bytes, wire.Message]:
+        peers = self.peers() if peers is None else peers
+        waiting = {self.net.send(p, {**fields, **(per_peer or {}).get(p, {})},
+                                 (arrays or {}).get(p, []), what): p for p in peers}
+        return self.net.gather(waiting, what, timeout_s)
 
     def warm(self, layouts: dict[int, list[tuple[int, int, int, int]]]) -> dict[int, int]:
         """Has each unit generate its weight slices before any timed work."""
-        arrays = {u: [np.asarray(lay, dtype=np.int32).reshape(-1, 4)] for u, lay in layouts.items()}
-        self.layouts = {u: a[0] for u, a in arrays.items()}
-        got = self._all({"kind": "warm"}, "weight generation", units_only=True, arrays=arrays,
+        arrays = {unit_peer(u): [np.asarray(lay, dtype=np.int32).reshape(-1, 4)]
+                  for u, lay in layouts.items()}
+        got = self._all({"kind": "warm"}, "weight generation", peers=list(arrays), arrays=arrays,
                         timeout_s=max(self.timeout_s, 600.0))
         return {int(m.fields["unit"]): int(m.fields["bytes"]) for m in got.values()}
 
-    def _rejoin(self, peer: bytes) -> None:
-        """A restarted unit: regenerate its weights, then give it the running policy's model."""
-        name = peer.decode()
-        u = int(name[3:])
-        if u in self.layouts:
-            self.net.call(peer, {"kind": "warm"}, [self.layouts[u]],
-                          what=f"{name}'s weight regeneration after its restart",
-                          timeout_s=max(self.timeout_s, 600.0))
-        if self._reset_fields is not None:
-            self.net.call(peer, self._reset_fields, what=f"{name}'s reset after its restart")
+    def run_policy(self, name: str, dilation: float = 1.0, calibrate: bool = False,
+                   max_decode_steps: int | None = None, progress=None,
+                   trace_steps: range = range(1, 3), inject: bool | None = None
+                   ) -> tuple[EmulationStats, dict[str, Any]]:
+        """Runs one policy through the workload on the devices at dilation D.
 
-    def run_policy(self, name: str, dilation: float = 1.0, clock: Clock | None = None,
-                   calibrate: bool = False, max_decode_steps: int | None = None, progress=None,
-                   trace_steps: range = range(1, 3),
-                   inject: bool | None = None) -> tuple[PolicyRecords, EmulationStats]:
-        """Runs one policy through the workload on the devices; returns records and stats.
-
-        The run's clock (a :class:`RealClock` at ``dilation`` unless ``clock`` is given)
-        starts at emulated 0 once the devices are reset. Injected kills fire only in runs
-        with ``inject`` (default: the paced ones, not calibration). If the run fails, its
-        records so far stay available from :meth:`partial`.
+        Returns the scheduler's stats (with every device's and the link's report) and the
+        run's meta (epoch, dilation, step order). ``calibrate`` only shortens the run to
+        ``max_decode_steps`` and skips injected faults: at D = 1 every slot overruns and the
+        devices' reports carry real compute / modelled time for each slot.
         """
         routing = self.routing
         if max_decode_steps is not None and max_decode_steps < routing.decode_steps:
             keep = routing.prompt_tokens + max_decode_steps
             routing = Routing(routing.topk_ids[:, :keep], routing.topk_weights[:, :keep],
                               routing.prompt_tokens, routing.source)
-        inject = not calibrate if inject is None else inject
-        ex = EmulationExecutor(self.cfg, routing, self.tr, clock, self.timeout_s, calibrate=calibrate,
-                               net=self.net, kills=self.kills if inject else [])
-        episode = Episode(self.cfg, routing, name, executor=ex, trace_steps=trace_steps)
-        self._last = (episode.rec, ex.stats, ex.where)
-        before = self.net.counters()
-        self.net.on_lost = ex.lost
+        run = PolicyRun(self, name, routing, dilation, routing.decode_steps)
+        run.inject = not calibrate if inject is None else inject
+        self._last = (None, run.stats, run.where)
+        L = self.cfg.model.num_layers
+        trace_seqs = [trace_steps.start * L, trace_steps.stop * L - 1] if len(trace_steps) else [0, -1]
+        cost_cfg = run.cost_cfg
+        bw_factor = cost_cfg.ndp.internal_bw_gbps / self.cfg.ndp.internal_bw_gbps
+        base = {"kind": "reset", "dilation": float(dilation), "trace_seqs": trace_seqs,
+                "ndp_bw_factor": bw_factor, **self.device_overrides}
+        per_peer = {p: {"offset_s": self.offsets.get(p, 0.0)} for p in self.peers()}
         w0 = wall_now()
+        self.progress_tokens = 0
         try:
-            self.reset(episode.cost.cfg.ndp.internal_bw_gbps)
-            if clock is None:  # the run's emulated time starts now, with everything ready
-                clock = ex.clock = RealClock(dilation)
-            w0 = wall_now()
-            ex.last_mark = (w0, 0.0)
-            if not calibrate:
-                clock.sleep_until_s(0.0)
-            rec = episode.run(progress)
+            self._all(base, "reset", per_peer=per_peer)
+            pf_class = CLASS_FETCH if self.cfg.link.prefetch_priority == "equal" else CLASS_PREFETCH
+            self.net.call(LINK_PEER, {"kind": "reset", "dilation": float(dilation),
+                                      "latency_s": run.lat_s, "bw_bytes_per_s": run.cost.link_bw,
+                                      "prefetch_class": pf_class, "trace_seqs": trace_seqs,
+                                      "bypass": True, "base_s": wall_now()}, what="link reset")
+            self._preload(run)
+            epoch = wall_now() + PREPARE_S
+            run.stats.epoch_s = epoch
+            self.net.call(LINK_PEER, {"kind": "reset", "dilation": float(dilation),
+                                      "latency_s": run.lat_s, "bw_bytes_per_s": run.cost.link_bw,
+                                      "prefetch_class": pf_class, "trace_seqs": trace_seqs,
+                                      "bypass": False, "base_s": epoch,
+                                      "lookahead_s": self.hop_s}, what="link reset")
+            self.net.call(GPU_PEER, {"kind": "run", "epoch_s": epoch,
+                                     "decode_steps": routing.decode_steps}, what="gpu run")
+            total = len(run.order)
+            while True:
+                at = run.order[min(len(run.stats.steps), total - 1)]
+                peer, ev = self.net.next_event(f"MoE step of {self.step_name(*at)}")
+                f = ev.fields
+                kind = f["kind"]
+                if kind == "routed":
+                    run.on_routed(f)
+                elif kind == "token":
+                    run.on_token(f)
+                    self.progress_tokens = run.tokens_done
+                    if progress is not None:
+                        progress(1)
+                elif kind == "done":
+                    break
+                elif kind == "failed":
+                    raise EmulationError(f"{peer.decode()} failed at {self.step_name(*run.where)}: "
+                                         f"{f.get('message', '')}")
+            run.stats.wall_s = wall_now() - w0
+            got = self._all({"kind": "report"}, "run reports")
+            for p, m in got.items():
+                run.stats.reports[p.decode()] = m.fields["report"]
+            run.stats.reports["link"] = self.net.call(LINK_PEER, {"kind": "report"},
+                                                      what="link report").fields["report"]
         finally:
-            self.net.on_lost = None
-            st = ex.stats
-            after = self.net.counters()
-            st.recoveries = int(after["recoveries"] - before["recoveries"])
-            st.retries = int(after["retries"] - before["retries"])
-            st.dropped = int(after["dropped"] - before["dropped"])
-            st.wall_s = wall_now() - w0
-            st.emulated_e2e_s = clock.now_s() if (clock is not None and not calibrate) else 0.0
-            self._last = (episode.rec, st, ex.where)
-        return rec, st
+            run.stats.wall_s = run.stats.wall_s or wall_now() - w0
+            self._last = (None, run.stats, run.where)
+        meta = {"epoch_s": run.stats.epoch_s, "dilation": dilation, "order": run.order,
+                "cost_cfg": cost_cfg, "offsets": {p.decode(): o for p, o in self.offsets.items()}}
+        return run.stats, meta
 
-    def partial(self) -> tuple[PolicyRecords | None, EmulationStats | None, tuple[str, int, int] | None]:
-        """The records, stats and (phase, step, layer) of the last run, finished or not."""
+    def _preload(self, run: PolicyRun) -> None:
+        """Keys the prefetcher holds from the start (model load time): shipped for real over
+        the link with throttling off, before the run's clock starts."""
+        keys = run.pf.preload()
+        if not keys:
+            return
+        pre: dict[int, list[list[int]]] = {}
+        pids = {}
+        for key in keys:
+            pid = next(run.pids)
+            pids[pid] = key
+            pre.setdefault(key[1] % run.N, []).append([key[0], key[1], 0, run.d_ff, pid, 0])
+        now = wall_now()
+        for u, items in sorted(pre.items()):
+            self.net.post(unit_peer(u), "ship", {"class": "prefetch", "items": items, "at_s": now})
+        deadline = now + max(self.timeout_s, 60.0)
+        while True:
+            got = self.net.call(GPU_PEER, {"kind": "preload", "pids": list(pids)},
+                                what="preload of the GPU cache").fields["landed"]
+            if len(got) == len(pids):
+                break
+            if wall_now() > deadline:
+                raise EmulationError(f"only {len(got)} of {len(pids)} preloaded experts reached "
+                                     f"the GPU within {self.timeout_s:g} s")
+            time.sleep(0.01)
+        for pid, key in pids.items():
+            run.landed[key] = pid
+        self.net.call(GPU_PEER, {"kind": "report"}, what="gpu preload report")
+
+    @staticmethod
+    def step_name(phase: str, step: int, layer: int | None = None) -> str:
+        at = f"{phase} step {step}"
+        return at if layer is None or layer < 0 else f"{at}, layer {layer}"
+
+    def partial(self) -> tuple[Any, EmulationStats | None, tuple[str, int, int] | None]:
+        """(None, stats, (phase, step, layer)) of the last run, finished or not."""
         return self._last if self._last is not None else (None, None, None)
 
     def collect(self) -> np.ndarray:
         return np.array(self.net.call(GPU_PEER, {"kind": "collect"}).arrays[0])
 
     def shutdown(self) -> None:
-        for peer in [GPU_PEER, *(unit_peer(u) for u in range(self.cfg.ndp.num_ndp_units))]:
+        for peer in [*self.peers(), LINK_PEER]:
             with contextlib.suppress(EmulationError):
                 self.tr.send(peer, wire.encode("shutdown"))
+
+
+PREPARE_S = 0.05  # the run's epoch is this far after the start command, so every actor is ready

@@ -524,3 +524,54 @@ class InprocEndpoint:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class Mux:
+    """Several transports behind one: ``send`` goes by peer, ``recv`` takes from whichever
+    has a message (zmq sockets are polled together; anything else in turn).
+
+    A device talks to the scheduler on one socket and to the link on another; ``routes``
+    maps a peer to the transport that reaches it, and ``default`` takes every other peer.
+    """
+
+    def __init__(self, default: Transport, routes: dict[bytes, Transport]) -> None:
+        self.default, self.routes = default, dict(routes)
+        self.members = [default, *(t for t in self.routes.values() if t is not default)]
+        socks = [getattr(t, "socket", None) for t in self.members]
+        self._poller = None
+        if all(s is not None for s in socks):
+            self._poller = zmq.Poller()
+            for s in socks:
+                self._poller.register(s, zmq.POLLIN)
+            self._by_sock = dict(zip(socks, self.members))
+
+    def send(self, peer: bytes, frames: Frames) -> None:
+        self.routes.get(peer, self.default).send(peer, frames)
+
+    def recv(self, timeout_s: float) -> tuple[bytes, list[Any]] | None:
+        for t in self.members:  # whatever is already there, without waiting
+            got = t.recv(0.0)
+            if got is not None:
+                return got
+        if timeout_s <= 0:
+            return None
+        if self._poller is not None:
+            ready = dict(self._poller.poll(_timeout_ms(timeout_s)))
+            for s, t in self._by_sock.items():
+                if s in ready:
+                    got = t.recv(0.0)
+                    if got is not None:
+                        return got
+            return None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for t in self.members:
+                got = t.recv(0.0)
+                if got is not None:
+                    return got
+            time.sleep(min(1e-4, max(0.0, deadline - time.monotonic())))
+        return None
+
+    def close(self) -> None:
+        for t in self.members:
+            t.close()

@@ -14,10 +14,11 @@ copy: do not mutate an array between ``encode`` and the end of the send. :func:`
 frame buffer is (``bytes``), and live as long as the frame does.
 
 Fields are plain msgpack values (None, bool, int, float, str, bytes, lists, str-keyed maps).
-Emulated timestamps and durations travel in header fields whose names end in ``_s`` (seconds of
-*emulated* time, see ``actors.clock``); the codec checks that every such top-level field is a
-finite number, so a NaN never reaches a scheduler's queueing arithmetic. Wall-clock values have
-no place on the wire: hosts do not share a wall clock.
+Times travel in header fields whose names end in ``_s``: the stamps of the emulation
+(``at_s``: the wall time, in the run's reference timebase, at which a message takes effect at
+its receiver; devices on other hosts correct their own clock by the offset the scheduler
+measured at start-up) and durations. The codec checks that every such top-level field is a
+finite number, so a NaN never reaches anyone's queueing arithmetic.
 
 Every known message type names its required fields and their types in one small registry
 (:data:`MESSAGE_TYPES`); :func:`register_message` adds a type and refuses a duplicate. Extra
@@ -117,6 +118,9 @@ for _type, _fields in {
     "result": {"task_id": int},  # actor -> scheduler: work done (partials as arrays)
     "fetch": {"task_id": int, "layer": int, "expert": int},  # on-demand weight move NDP -> GPU
     "prefetch": {"task_id": int, "layer": int, "expert": int},  # background weight move
+    "cmd": {"kind": str},  # scheduler -> device or link: one-way dispatch (stamped at_s)
+    "data": {"kind": str, "at_s": float},  # device <-> link <-> device: a transfer
+    "event": {"kind": str},  # device -> scheduler: what happened (routed, token, done)
     "ping": {"seq": int},
     "pong": {"seq": int},
     "shutdown": {},

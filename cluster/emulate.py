@@ -1,22 +1,30 @@
-"""The emulation engine: policies run on the Ray + zmq cluster with real matmuls, paced.
+"""The emulation engine: policies run on the Ray + zmq cluster with real matmuls; measured.
 
-Flow of :func:`run_emulation`: choose the weight scale (fits the machine unless set), check
-memory before launching, start the cluster (:mod:`cluster.launch`), have every unit generate
-its weight slices, calibrate the dilation D (unless ``emulate.dilation`` is set), then run
-every policy paced at D and compare with the analytic engine.
+Flow of :func:`run_emulation`: choose the weight scale (fits the machine unless set), start
+the cluster (:mod:`cluster.launch`: scheduler, GPU, NDP units, host link), have every unit
+generate its weight slices, measure each actor's clock offset and the hop floor, calibrate
+the dilation D (unless ``emulate.dilation`` is set), run every policy at D and compare what
+was measured with what the analytic engine predicts.
 
-Calibration: every policy runs its prefill and first decode steps unpaced while the scheduler
-records, for each paced segment (a GPU layer, a MoE step), the real wall time it took over
-its modelled duration. D is a margin times the high quantile of those ratios, so that the
-real work of almost every segment fits inside its slot; a segment that still overruns is
-counted and its lag shows in the fidelity error.
+Nothing here, nor in :mod:`actors`, computes the run's timing (DESIGN.md section 5): the
+devices and the link throttle themselves in wall-clock time and report what happened; the
+records below are built from those reports. Emulated time = (wall - run epoch) / D; a token's
+time is the wall clock the GPU read when it finished the token.
 
-Faults (DESIGN.md section 9, :mod:`cluster.faults`): when a policy's run fails (a dead or
-silent device, a deadline), the policies that finished keep their summaries, the failing one
-is summarised from the records the scheduler kept (``"status": "failed"``, the error, where it
-stopped) and :class:`PartialRunError` carries all of it to the caller, which writes the run
-directory and re-raises. Recoveries and retries are reported per policy (``recoveries``,
-``recovery_wall_s``, ``retries``, ``retry_wall_s``); their wall time is not emulated time.
+Calibration (auto D): every policy's prefill and first decode steps run at D = 1, where every
+slot overruns and each device records its real compute time over its modelled duration.
+D is the smallest value meeting both conditions:
+
+- compute: ``DILATION_MARGIN`` x the ``DILATION_QUANTILE`` quantile of those ratios, so that the
+  real work of almost every slot fits in it;
+- hop floor: the real control path of one MoE step (router event to the scheduler, the plan,
+  commands to the devices: two one-way hops, measured by ping, plus the policy's decision
+  time, 90th percentiles) minus what the modelled hops absorb (D x 2 x link latency), over D,
+  is at most half the fidelity target times the median modelled MoE step.
+
+Faults: a dead or silent device fails the run naming it and the step; the policies that
+finished keep their summaries, the failing one is marked ``"status": "failed"`` and
+:class:`PartialRunError` carries all of it to the caller.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from cluster.analytic import run_policy
+from cluster.cost import CostModel
 from cluster.errors import ConfigError, EmulationError
 from cluster.faults import parse_inject
 from cluster.metrics import PolicyRecords, summarize
@@ -89,12 +98,70 @@ def unit_layouts(cfg: Config, scale: float) -> dict[int, list[tuple[int, int, in
     return out
 
 
-def choose_dilation(ratios: list[float]) -> float:
-    """D from calibration ratios (real wall / modelled per segment)."""
-    if not ratios:
-        return 10.0
-    q = float(np.quantile(np.asarray(ratios), DILATION_QUANTILE))
-    return max(1.0, math.ceil(DILATION_MARGIN * q))
+def choose_dilation(ratios: list[float], hop_path_s: float = 0.0, link_latency_s: float = 0.0,
+                    step_s: float = 0.0, target: float = 0.05) -> dict[str, float]:
+    """D from calibration: ``ratios`` (real compute / modelled, per slot), ``hop_path_s`` (real
+    wall seconds of one MoE step's control path), the modelled link latency and the median
+    modelled MoE step. Returns D and both lower bounds (see the module docstring)."""
+    d_compute = 1.0
+    if ratios:
+        d_compute = DILATION_MARGIN * float(np.quantile(np.asarray(ratios), DILATION_QUANTILE))
+    d_hop = 1.0
+    if hop_path_s > 0 and step_s > 0:
+        # excess(D) / D <= budget  with excess = path - D * 2 * latency
+        budget = 0.5 * target * step_s
+        d_hop = hop_path_s / (budget + 2 * link_latency_s)
+    d = max(1.0, math.ceil(max(d_compute, d_hop)))
+    return {"dilation": float(d), "compute_bound": d_compute, "hop_bound": d_hop}
+
+
+def records_from_run(cfg: Config, name: str, stats: Any, meta: dict[str, Any],
+                     trace_steps: range = range(1, 3)) -> PolicyRecords:
+    """A policy's records from what the devices and the link measured (wall -> emulated)."""
+    from cluster.cost import CostModel
+    from cluster.metrics import StepRecord, TokenRecord
+    from policies import lower_bound_s
+    from policies.plan import Interval
+    from policies.registry import resolve
+
+    D, epoch = float(meta["dilation"]), float(meta["epoch_s"])
+    N = cfg.ndp.num_ndp_units
+    choice = resolve(name)
+    rec = PolicyRecords(name, choice.scheduler, choice.prefetcher)
+
+    def emu(w: float) -> float:
+        return (w - epoch) / D
+
+    rep = stats.reports
+    gpu, link = rep["gpu"], rep["link"]
+    prev = 0.0
+    for step, wall in gpu["tokens"]:
+        t = emu(wall)
+        rec.tokens.append(TokenRecord(name, int(step), t, t - prev if rec.tokens else t))
+        prev = t
+    cost = CostModel(meta["cost_cfg"])
+    units = [rep.get(f"ndp{u}", {}) for u in range(N)]
+    for i, st in enumerate(stats.steps):
+        seq = str(st["seq"])
+        if seq not in gpu["step_times"]:
+            break
+        a, b = gpu["step_times"][seq]
+        sb = link["step_bytes"].get(seq, {})
+        rec.steps.append(StepRecord(
+            name, st["phase"], st["step"], st["layer"], emu(a), emu(b), st["active"], st["hits"],
+            st["fetched"], st["gpu_experts"], gpu["busy_by_seq"].get(seq, 0.0) / D,
+            [u.get("busy_by_seq", {}).get(seq, 0.0) / D for u in units],
+            int(sb.get("activation", 0)), int(sb.get("partial", 0)), int(sb.get("fetch", 0)),
+            lower_bound_s(stats.plans[i], cost, N)))
+    rec.gpu_other_busy_s = gpu["other_busy_s"] / D
+    rec.prefetch_bytes = int(link["bytes"]["prefetch"])
+    rec.prefetched_experts = int(link["transfers"]["prefetch"])
+    for res, r in [("gpu", gpu), *((f"ndp{u}", units[u]) for u in range(N))]:
+        for kind, label, a, b in r.get("log", []):
+            rec.intervals.append(Interval(res, kind, emu(a), emu(b), label))
+    for kind, label, a, b in link.get("intervals", []):
+        rec.intervals.append(Interval("link", kind, emu(a), emu(b), label))
+    return rec
 
 
 class PartialRunError(EmulationError):
@@ -133,26 +200,46 @@ def failed_summary(name: str, error: str, rec: PolicyRecords | None, stats,
     return s
 
 
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / b if b > 0 else 0.0
+
+
 def _emulated_summary(rec: PolicyRecords, stats, cfg: Config, analytic: PolicyRecords,
-                      dilation: float) -> dict[str, Any]:
-    s = summarize(rec, cfg.ndp.num_ndp_units)
-    ana_e2e = analytic.tokens[-1].time_s
-    emu = stats.emulated_e2e_s
-    lag = stats.lag_max_s
+                      dilation: float, floor: dict[str, Any]) -> dict[str, Any]:
+    N = cfg.ndp.num_ndp_units
+    s = summarize(rec, N)
+    a = summarize(analytic, N)
+    rep = stats.reports
+    devices = ["gpu", *(f"ndp{u}" for u in range(N))]
+    overruns = {d: int(rep[d]["overruns"]) for d in devices if d in rep}
+    link = rep.get("link", {})
     s.update({
-        "e2e_latency_s": emu,
-        "emulated_e2e_latency_s": emu,
-        "analytic_e2e_latency_s": ana_e2e,
-        "modelled_e2e_latency_s": rec.tokens[-1].time_s,
-        "fidelity_error": abs(emu - ana_e2e) / ana_e2e if ana_e2e > 0 else 0.0,
+        "status": "ok",
+        "analytic_e2e_latency_s": a["e2e_latency_s"],
+        "analytic_ttft_s": a["ttft_s"],
+        "analytic_tpot_s": a["tpot_s"],
+        "fidelity_error": _rel(s["e2e_latency_s"], a["e2e_latency_s"]),
+        "fidelity": {"e2e": _rel(s["e2e_latency_s"], a["e2e_latency_s"]),
+                     "ttft": _rel(s["ttft_s"], a["ttft_s"]),
+                     "tpot": _rel(s["tpot_s"], a["tpot_s"])},
         "dilation": dilation,
-        "overruns": stats.overruns,
-        "overrun_lag_max_s": lag,
-        "paced_segments": stats.segments,
-        "stamp_mismatches": stats.stamp_mismatches,
+        "overruns": sum(overruns.values()),
+        "device_overruns": overruns,
+        "device_slots": {d: int(rep[d]["slots"]) for d in devices if d in rep},
+        "overrun_lag_max_s": max((rep[d]["overrun_max_s"] / dilation for d in devices if d in rep),
+                                 default=0.0),
+        "emulated_link_bytes": dict(link.get("bytes", {})),
+        "link_transfers": dict(link.get("transfers", {})),
+        "link_upgraded_prefetches": link.get("upgraded", 0),
+        "link_cancelled_prefetches": link.get("cancelled", 0),
+        "link_late_arrivals": link.get("late_arrivals", 0),
+        "gpu_fetch_waits": len(rep.get("gpu", {}).get("waits", [])),
+        "gpu_cache_peak_experts": rep.get("gpu", {}).get("cache_peak", 0),
+        "decision_us_p50": 1e6 * float(np.median(stats.decisions_s)) if stats.decisions_s else 0.0,
+        "decision_us_max": 1e6 * float(np.max(stats.decisions_s)) if stats.decisions_s else 0.0,
+        "emulator_floor": floor,
         "wall_s": stats.wall_s,
         "messages": stats.messages,
-        "status": "ok",
         **_fault_fields(stats),
     })
     return s
@@ -190,23 +277,45 @@ def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path
         say(f"cluster up in {cluster.startup_s:.2f} s: 1 GPU + {cfg.ndp.num_ndp_units} NDP actors, "
             f"weights at scale {scale:.4g} ({sum(held.values()) / 1e6:.0f} MB on the units), "
             f"zmq round trip {1e6 * float(np.median(list(cluster.rtt_s.values()))):.0f} us")
-        if cfg.emulate.dilation > 0:
-            dilation, ratios = cfg.emulate.dilation, []
-        else:
-            ratios = []
-            for n in names:
-                current = f"{n} (calibration)"
-                _, st = launch.get(cluster.scheduler.run_policy.remote(
-                    n, 1.0, True, CALIBRATION_DECODE_STEPS))
-                ratios += st.ratios
-            dilation = choose_dilation(ratios)
-            say(f"calibrated dilation D = {dilation:g} (p{int(100 * DILATION_QUANTILE)} of "
-                f"{len(ratios)} segments' real/modelled time = "
-                f"{np.quantile(ratios, DILATION_QUANTILE):.2f}, margin {DILATION_MARGIN})")
+        residual = launch.get(cluster.scheduler.sync_clocks.remote())
+        one_way = [r / 2 for r in launch.get(cluster.scheduler.hop_samples.remote())]
+        hop_s = float(np.quantile(one_way, 0.9)) if one_way else 0.0
+        ratios: list[float] = []
+        decisions: list[float] = []
+        steps_modelled: list[float] = []
+        for n in names:
+            current = f"{n} (calibration)"
+            st, _meta = launch.get(cluster.scheduler.run_policy.remote(
+                n, 1.0, True, CALIBRATION_DECODE_STEPS))
+            for d, r in st.reports.items():
+                if d != "link":
+                    ratios += r["ratios"]
+            decisions += st.decisions_s
+            ana = run_policy(cfg, routing, n)
+            steps_modelled += [x.makespan_s for x in ana.steps if x.phase == "decode"]
+        lat = CostModel(cfg).link_latency_s
+        path_s = 2 * hop_s + (float(np.quantile(decisions, 0.9)) if decisions else 0.0)
+        step_s = float(np.median(steps_modelled)) if steps_modelled else 0.0
+        auto = choose_dilation(ratios, path_s, lat, step_s, cfg.emulate.target_fidelity)
+        dilation = cfg.emulate.dilation if cfg.emulate.dilation > 0 else auto["dilation"]
+        floor = {"hop_one_way_us_p90": 1e6 * hop_s,
+                 "decision_us_p90": 1e6 * (path_s - 2 * hop_s),
+                 "control_path_wall_us": 1e6 * path_s,
+                 "control_path_emulated_us": 1e6 * path_s / dilation,
+                 "modelled_control_hops_us": 1e6 * 2 * lat,
+                 "unabsorbed_emulated_us": 1e6 * max(0.0, path_s - dilation * 2 * lat) / dilation,
+                 "median_decode_moe_step_us": 1e6 * step_s,
+                 "clock_offset_residual_us": {k: 1e6 * v for k, v in residual.items()}}
+        say(f"dilation D = {dilation:g} ({'set' if cfg.emulate.dilation > 0 else 'calibrated'}: "
+            f"compute needs {auto['compute_bound']:.1f} (p{int(100 * DILATION_QUANTILE)} of "
+            f"{len(ratios)} slots' real/modelled x {DILATION_MARGIN}), the hop floor "
+            f"{auto['hop_bound']:.1f}); control path {1e6 * path_s:.0f} us wall = "
+            f"{1e6 * path_s / dilation:.2f} us emulated per MoE step")
         extra["emulation"].update({
             "dilation": dilation, "calibrated": cfg.emulate.dilation <= 0,
-            "calibration_segments": len(ratios),
+            "calibration_slots": len(ratios),
             "calibration_ratio_quantile": float(np.quantile(ratios, DILATION_QUANTILE)) if ratios else None,
+            "dilation_bounds": auto, "emulator_floor": floor,
             "unit_weight_bytes": held})
         ref = reference_forward(cfg, routing, scale)
         steps = routing.decode_steps + 1
@@ -221,11 +330,12 @@ def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path
                     bar.update(task, completed=launch.get(cluster.scheduler.progress.remote()))
                     if ready:
                         break
-                rec, st = launch.get(ref_obj)
+                st, meta = launch.get(ref_obj)
+                rec = records_from_run(cfg, n, st, meta)
                 out = launch.get(cluster.scheduler.collect.remote())
                 outputs[n] = out
                 analytic = run_policy(cfg, routing, n)
-                s = _emulated_summary(rec, st, cfg, analytic, dilation)
+                s = _emulated_summary(rec, st, cfg, analytic, dilation, floor)
                 s["output_rel_error"] = float(np.abs(out - ref).max() / max(1e-30, np.abs(ref).max()))
                 summaries[n] = s
                 records.append(rec)

@@ -65,11 +65,14 @@ class _DeviceActor:
     with a heartbeat on a second DEALER (zmq sockets are not shared between threads)."""
 
     def __init__(self, cfg: Config, kind: str, unit: int, scale: float, endpoint: str,
-                 server_key: bytes | None = None, keys: Any = None) -> None:
+                 server_key: bytes | None = None, keys: Any = None, link_endpoint: str = "",
+                 link_key: bytes | None = None) -> None:
         """``server_key`` and ``keys`` (this device's :class:`~actors.transport.CurveKeys`):
-        the CURVE keys of both sockets when ``emulate.curve`` is on, else None."""
+        the CURVE keys of its sockets when ``emulate.curve`` is on, else None; ``link_key``:
+        the link's public key then."""
         from actors.devices import DeviceServer, GpuDevice, NdpUnit
-        from actors.transport import ZmqDealer
+        from actors.link import LINK_PEER
+        from actors.transport import Mux, ZmqDealer
         from cluster.faults import parse_inject
 
         self._blas = _one_blas_thread()
@@ -77,8 +80,12 @@ class _DeviceActor:
         device = GpuDevice(cfg, scale) if kind == "gpu" else NdpUnit(cfg, unit, scale)
         identity = b"gpu" if kind == "gpu" else f"ndp{unit}".encode()
         curve = {} if keys is None else {"curve": keys, "server_key": server_key}
-        self.transport = ZmqDealer(identity, router_id=b"sched", **curve)
-        self.transport.connect(endpoint)
+        self.main = ZmqDealer(identity, router_id=b"sched", **curve)
+        self.main.connect(endpoint)
+        link_curve = {} if keys is None else {"curve": keys, "server_key": link_key}
+        self.link = ZmqDealer(identity, router_id=LINK_PEER, **link_curve)
+        self.link.connect(link_endpoint)
+        self.transport = Mux(self.main, {LINK_PEER: self.link})
         # a late heartbeat is worthless: never block on it, keep only a few queued
         self.heartbeat = ZmqDealer(identity + b".hb", router_id=b"sched", send_timeout_s=0.0, hwm=4,
                                    **curve)
@@ -102,6 +109,42 @@ class _DeviceActor:
         self.heartbeat.close()
 
 
+class _LinkActor:
+    """Ray body of the host link: a ROUTER that every device's link socket connects to, served
+    by :class:`actors.link.LinkServer` in a thread."""
+
+    def __init__(self, cfg: Config, host: str | None, local: bool) -> None:
+        import ray
+
+        from actors.link import LinkServer
+        from actors.transport import CurveKeys, ZmqRouter
+
+        host = host or ray.util.get_node_ip_address()
+        self._keys = CurveKeys.generate() if cfg.emulate.curve else None
+        self._host, self._local = host, local
+        self.router: Any = None
+        self.server: Any = None
+        self._cfg = cfg
+        self._router_cls, self._server_cls = ZmqRouter, LinkServer
+
+    def public_key(self) -> bytes | None:
+        return None if self._keys is None else self._keys.public
+
+    def bind(self, clients: dict[bytes, Any] | None) -> str:
+        """Binds (admitting ``clients`` = {public key: identities} with CURVE) and serves."""
+        curve = {} if self._keys is None else {"curve": self._keys, "clients": clients}
+        self.router = self._router_cls(**curve)
+        endpoint = self.router.bind(self._host, 0, local=self._local)
+        self.server = self._server_cls(self.router)
+        self.server.start()
+        return endpoint
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.router.close()
+
+
 class _SchedulerActor:
     """Ray body of the scheduler: binds the zmq ROUTER and runs policies on request."""
 
@@ -123,10 +166,26 @@ class _SchedulerActor:
             curve = {"curve": server,
                      "clients": {k.public: (peer, peer + b".hb") for peer, k in devices.items()}}
             self._curve = (server.public, devices)
-        self.transport = ZmqRouter(**curve)
-        self.endpoint_ = self.transport.bind(host, 0, local=local)
-        self.core = SchedulerCore(cfg, routing, self.transport)
+        self.router = ZmqRouter(**curve)
+        self.endpoint_ = self.router.bind(host, 0, local=local)
+        self._link_keys = CurveKeys.generate() if cfg.emulate.curve else None
+        self.transport: Any = self.router
+        self.core = SchedulerCore(cfg, routing, self.router)
         self.done_tokens = 0
+
+    def link_client_key(self) -> bytes | None:
+        return None if self._link_keys is None else self._link_keys.public
+
+    def connect_link(self, endpoint: str, link_key: bytes | None) -> None:
+        """The scheduler's own socket to the link (upgrades, cancels, reset, reports)."""
+        from actors.link import LINK_PEER
+        from actors.transport import Mux, ZmqDealer
+
+        curve = {} if self._link_keys is None else {"curve": self._link_keys, "server_key": link_key}
+        self.link = ZmqDealer(b"sched", router_id=LINK_PEER, **curve)
+        self.link.connect(endpoint)
+        self.transport = Mux(self.router, {LINK_PEER: self.link})
+        self.core.tr = self.core.net.tr = self.transport
 
     def endpoint(self) -> str:
         return self.endpoint_
@@ -159,18 +218,23 @@ class _SchedulerActor:
     def warm(self, layouts: dict[int, list[tuple[int, int, int, int]]]) -> dict[int, int]:
         return self.core.warm(layouts)
 
+    def sync_clocks(self) -> dict[str, float]:
+        return self.core.sync_clocks()
+
+    def hop_samples(self, n: int = 20) -> list[float]:
+        """Round trips to the GPU and every unit (wall seconds): the hop floor."""
+        out: list[float] = []
+        for peer in self.core.peers():
+            out += self.core.ping(peer, n)
+        return out
+
     def progress(self) -> int:
-        return self.done_tokens
+        return self.core.progress_tokens
 
     def run_policy(self, name: str, dilation: float, calibrate: bool = False,
                    max_decode_steps: int | None = None):
-        self.done_tokens = 0
-
-        def tick(k: int) -> None:
-            self.done_tokens += k
-
         return self.core.run_policy(name, dilation, calibrate=calibrate,
-                                    max_decode_steps=max_decode_steps, progress=tick)
+                                    max_decode_steps=max_decode_steps)
 
     def partial(self):
         """The last run's records, stats and (phase, step, layer), finished or failed."""
@@ -182,6 +246,9 @@ class _SchedulerActor:
     def shutdown(self) -> None:
         self.core.shutdown()
         self.transport.close()
+        if self.transport is not self.router:
+            return
+        self.router.close()
 
 
 @dataclass
@@ -191,6 +258,7 @@ class EmuCluster:
     scheduler: Any
     gpu: Any
     units: list[Any]
+    link: Any
     started_ray: bool
     startup_s: float
     rtt_s: dict[str, float] = field(default_factory=dict)
@@ -207,10 +275,10 @@ class EmuCluster:
 
         try:
             ray.get(self.scheduler.shutdown.remote(), timeout=10)
-            ray.get([a.stop.remote() for a in [self.gpu, *self.units]], timeout=10)
+            ray.get([a.stop.remote() for a in [self.gpu, *self.units, self.link]], timeout=10)
         except Exception:  # best effort: the actors are killed next anyway
             pass
-        for a in [self.scheduler, self.gpu, *self.units]:
+        for a in [self.scheduler, self.gpu, *self.units, self.link]:
             with contextlib.suppress(Exception):
                 ray.kill(a, no_restart=True)
         if self.started_ray:
@@ -281,23 +349,34 @@ def start(cfg: Config, routing: Routing, scale: float, address: str | None = Non
     opts = {"num_cpus": 0}
     pg = None
     try:
+        host = "127.0.0.1" if local else None
         sched = ray.remote(_SchedulerActor).options(max_concurrency=2, **opts).remote(
-            cfg, routing, "127.0.0.1" if local else None, local)
+            cfg, routing, host, local)
+        link = ray.remote(_LinkActor).options(**opts).remote(cfg, host, local)
         endpoint = ray.get(sched.endpoint.remote())
         # CURVE keys (emulate.curve) travel on the control plane only, one keypair per device
         server_key, keys = ray.get(sched.curve_keys.remote()) if cfg.emulate.curve else (None, {})
+        link_key = ray.get(link.public_key.remote())
+        clients = None
+        if cfg.emulate.curve:
+            clients = {k.public: (peer,) for peer, k in keys.items()}
+            clients[ray.get(sched.link_client_key.remote())] = (b"sched",)
+        link_endpoint = ray.get(link.bind.remote(clients))
+        ray.get(sched.connect_link.remote(link_endpoint, link_key))
         gpu = ray.remote(_DeviceActor).options(**opts).remote(cfg, "gpu", -1, scale, endpoint,
-                                                              server_key, keys.get(b"gpu"))
+                                                              server_key, keys.get(b"gpu"),
+                                                              link_endpoint, link_key)
         unit_opts = [opts] * cfg.ndp.num_ndp_units
         if not local:
             pg, unit_opts = _unit_placement(cfg, ready_timeout_s)
         if cfg.emulate.recover:
             unit_opts = [{**o, "max_restarts": MAX_UNIT_RESTARTS} for o in unit_opts]
         units = [ray.remote(_DeviceActor).options(**unit_opts[u]).remote(
-                     cfg, "ndp", u, scale, endpoint, server_key, keys.get(f"ndp{u}".encode()))
+                     cfg, "ndp", u, scale, endpoint, server_key, keys.get(f"ndp{u}".encode()),
+                     link_endpoint, link_key)
                  for u in range(cfg.ndp.num_ndp_units)]
         peers = _peers(cfg)
-        rtt = ray.get(sched.wait_ready.remote(peers, ready_timeout_s))
+        rtt = ray.get(sched.wait_ready.remote([*peers, b"link"], ready_timeout_s))
     except Exception as exc:
         if pg is not None:
             ray.util.remove_placement_group(pg)
@@ -306,7 +385,7 @@ def start(cfg: Config, routing: Routing, scale: float, address: str | None = Non
         if isinstance(exc, EmulationError):
             raise
         raise EmulationError(f"could not start the emulation cluster: {exc}") from exc
-    return EmuCluster(sched, gpu, units, started, time.monotonic() - t0, rtt, placement_group=pg)
+    return EmuCluster(sched, gpu, units, link, started, time.monotonic() - t0, rtt, placement_group=pg)
 
 
 def _unit_placement(cfg: Config, timeout_s: float) -> tuple[Any, list[dict[str, Any]]]:

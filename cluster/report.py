@@ -34,7 +34,7 @@ def new_run_dir(base: str | Path = "runs", engine: str = "analytic") -> Path:
 def add_speedups(summaries: dict[str, dict[str, Any]]) -> None:
     """``speedup_vs_monde`` = monde's end-to-end latency / the policy's (None without monde)."""
     base = summaries.get("monde", {}).get("e2e_latency_s")
-    key = "emulated_e2e_latency_s" if "emulated_e2e_latency_s" in summaries.get("monde", {}) else "e2e_latency_s"
+    key = "e2e_latency_s"
     base = summaries.get("monde", {}).get(key, base)
     for s in summaries.values():
         v = s.get(key, s.get("e2e_latency_s"))
@@ -137,7 +137,7 @@ def write_plots(run_dir: Path, summaries: dict[str, dict[str, Any]],
     # 1. latency by policy: TTFT + decode stacked
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names) + 2), 4))
     ttft = [summaries[n]["ttft_s"] for n in names]
-    e2e = [summaries[n].get("emulated_e2e_latency_s", summaries[n]["e2e_latency_s"]) for n in names]
+    e2e = [summaries[n]["e2e_latency_s"] for n in names]
     dec = [max(0.0, a - b) for a, b in zip(e2e, ttft)]
     ax.bar(names, ttft, label="TTFT (prefill)", color="#4C72B0")
     ax.bar(names, dec, bottom=ttft, label="decode", color="#DD8452")
@@ -216,8 +216,9 @@ def results_table(summaries: dict[str, dict[str, Any]], engine: str, title: str 
     t.add_column("e2e" if not emulate else "emulated", justify="right", no_wrap=True)
     if emulate:
         t.add_column("analytic", justify="right", no_wrap=True)
-        t.add_column("fidelity", justify="right", no_wrap=True)
-        t.add_column("dilation", justify="right", no_wrap=True)
+        t.add_column("err e2e", justify="right", no_wrap=True)
+        t.add_column("err TPOT", justify="right", no_wrap=True)
+        t.add_column("D", justify="right", no_wrap=True)
         t.add_column("overruns", justify="right", no_wrap=True)
     if not emulate:
         t.add_column("TTFT", justify="right", no_wrap=True)
@@ -229,12 +230,15 @@ def results_table(summaries: dict[str, dict[str, Any]], engine: str, title: str 
         t.add_column("hit", justify="right", no_wrap=True)
     for name, s in summaries.items():
         sp = s.get("speedup_vs_monde")
-        row = [name, fmt_s(s.get("emulated_e2e_latency_s", s["e2e_latency_s"]))]
+        row = [name, fmt_s(s["e2e_latency_s"])]
         if emulate:
             fid = s.get("fidelity_error")
+            tpot = (s.get("fidelity") or {}).get("tpot")
             row += [fmt_s(s.get("analytic_e2e_latency_s")),
                     f"{fid * 100:.2f}%" if fid is not None and math.isfinite(fid) else "-",
-                    f"{s.get('dilation', 0):.0f}x", f"{s.get('overruns', 0)}/{s.get('paced_segments', 0)}"]
+                    f"{tpot * 100:.2f}%" if tpot is not None and math.isfinite(tpot) else "-",
+                    f"{s.get('dilation', 0):.0f}", f"{s.get('overruns', 0)}/"
+                    f"{sum((s.get('device_slots') or {}).values())}"]
             if s.get("recoveries"):
                 row[-1] += f" ({s['recoveries']} recovered)"
         else:

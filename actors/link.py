@@ -1,0 +1,470 @@
+"""The host link: one shared, throttled resource that every byte between GPU and units crosses.
+
+The link plays PCIe between the GPU and the NDP-DIMMs. Devices hand it ``data`` messages
+(activations to a unit, partial outputs to the GPU, expert weights shipped by the unit that
+holds them); it delivers each one to its destination once the modelled transfer is over, in
+wall-clock time: a transfer of ``true_bytes`` takes ``D x (latency + true_bytes / bw)`` of
+link service. Nothing else computes when a transfer ends.
+
+Service discipline (DESIGN.md section 5), the same one the analytic engine assumes:
+
+- three priority classes, preemptive: activations and partials (0) > on-demand fetches (1) >
+  prefetches (2, or 1 with ``link.prefetch_priority = equal``); first come first served
+  within a class, by arrival stamp then by the order the scheduler issued the transfer;
+- a transfer *arrives* at its stamp (``at_s``, the wall time its sender says it entered the
+  link), not when the link process happens to read it: host message latency shorter than the
+  modelled time is absorbed. The link reschedules retroactively from the stamp; only a
+  delivery it has already made cannot move (a stamp older than the last delivery is taken at
+  that delivery and counted in ``late_arrivals``);
+- preemption is exact and event-driven: :class:`LinkSchedule` keeps each transfer's remaining
+  service and re-plans the queue only when something arrives, is cancelled, or is upgraded.
+
+:class:`LinkSchedule` is the pure queueing core (wall seconds in, completion times out; the
+tests drive it directly); :class:`LinkServer` runs it on a transport and a real clock.
+Stamps are wall seconds in the run's reference timebase (the scheduler's clock; devices on
+other hosts correct by their measured offset).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from actors import wire
+from actors.clock import wall_now
+from actors.transport import Transport
+from cluster.errors import EmulationError, ProtocolError
+
+CLASS_STEP = 0  # activations and partial outputs
+CLASS_FETCH = 1  # on-demand expert weights
+CLASS_PREFETCH = 2  # background expert weights (lowest) -- or CLASS_FETCH when "equal"
+KINDS = ("activation", "partial", "fetch", "prefetch")
+LINK_PEER = b"link"
+
+
+@dataclass
+class Transfer:
+    """One message on the link. ``remaining_s`` is wall seconds of service still owed."""
+
+    xid: int
+    kind: str
+    cls: int
+    arrive_s: float
+    order: int
+    recv_seq: int
+    remaining_s: float
+    true_bytes: int
+    dst: bytes = b""
+    frames: list[Any] = field(default_factory=list)
+    seq: int = -1  # the MoE step it belongs to (-1: background)
+    served: list[tuple[float, float]] = field(default_factory=list)
+
+    def key(self) -> tuple:
+        return (self.cls, self.arrive_s, self.order, self.recv_seq)
+
+
+class LinkSchedule:
+    """Preemptive-priority single server over wall time, re-planned from stamps.
+
+    ``base_s`` is the time up to which service is committed: every transfer's ``remaining_s``
+    is owed from then on. :meth:`plan` simulates the queue from ``base_s`` and gives each
+    pending transfer its completion time; :meth:`commit` moves ``base_s`` forward along that
+    plan (recording the served segments); :meth:`pop_due` hands over the next completion.
+    """
+
+    def __init__(self, base_s: float = 0.0) -> None:
+        self.base_s = base_s
+        self.pending: dict[int, Transfer] = {}
+        self.late_arrivals = 0
+        self.late_total_s = 0.0
+        self._recv = itertools.count()
+        self._plan: tuple[float, int] | None = None  # the next completion, cached
+
+    # --- changes --------------------------------------------------------------------------
+    def add(self, t: Transfer) -> None:
+        t.recv_seq = next(self._recv)
+        if t.arrive_s < self.base_s:  # older than a delivery already made: it cannot go back
+            self.late_arrivals += 1
+            self.late_total_s += self.base_s - t.arrive_s
+            t.arrive_s = self.base_s
+        self.pending[t.xid] = t
+        self._plan = None
+
+    def cancel(self, xid: int, at_s: float) -> Transfer | None:
+        """Drops a transfer from ``at_s`` on (its service so far is wasted)."""
+        if xid not in self.pending:
+            return None
+        self.commit(max(at_s, self.base_s))
+        self._plan = None
+        return self.pending.pop(xid)
+
+    def upgrade(self, xid: int, cls: int, at_s: float, order: int = -1) -> bool:
+        """Moves a queued transfer into class ``cls`` from ``at_s`` on, keeping what it has
+        already been served (an on-demand fetch of an expert whose prefetch is in flight)."""
+        t = self.pending.get(xid)
+        if t is None or t.cls <= cls:
+            return False
+        at = max(at_s, self.base_s)
+        self.commit(at)
+        t.cls = cls
+        t.arrive_s = max(t.arrive_s, at)
+        t.order = order  # its place among this step's fetches (the plan's order)
+        self._plan = None
+        return True
+
+    # --- planning ---------------------------------------------------------------------------
+    def _run(self, until: float | None) -> tuple[float, int] | None:
+        """Serves the pending transfers from ``base_s`` in priority order.
+
+        Without ``until``: returns ``(time, xid)`` of the first completion (or None), changing
+        nothing. With ``until`` (no later than that completion): serves up to it for real,
+        recording each transfer's served segment and what it still owes.
+        Cost: a heap over the pending transfers plus one event per later arrival that comes
+        before the completion, so a long prefetch backlog does not make each event O(n^2).
+        """
+        t = self.base_s
+        items = self.pending.values()
+        heap = [(tr.key(), tr.xid) for tr in items if tr.arrive_s <= t]
+        heapq.heapify(heap)
+        future = sorted((tr.arrive_s, tr.key(), tr.xid) for tr in items if tr.arrive_s > t)
+        fi = 0
+        rem: dict[int, float] = {}
+        while True:
+            if not heap:
+                if fi >= len(future):
+                    return None
+                nxt = future[fi][0]
+                if until is not None and nxt >= until:
+                    break
+                t = nxt
+                while fi < len(future) and future[fi][0] <= t:
+                    heapq.heappush(heap, (future[fi][1], future[fi][2]))
+                    fi += 1
+                continue
+            xid = heap[0][1]
+            r = rem.get(xid, self.pending[xid].remaining_s)
+            nxt_arr = future[fi][0] if fi < len(future) else math.inf
+            finish = t + r
+            if until is None and finish <= nxt_arr:
+                return finish, xid
+            stop = min(finish, nxt_arr) if until is None else min(finish, nxt_arr, until)
+            if until is not None and stop > t:
+                self.pending[xid].served.append((t, stop))
+            rem[xid] = r - (stop - t)
+            t = stop
+            if until is not None and t >= until:
+                break
+            while fi < len(future) and future[fi][0] <= t:
+                heapq.heappush(heap, (future[fi][1], future[fi][2]))
+                fi += 1
+            if rem[xid] <= 0 and until is not None:
+                heapq.heappop(heap)  # done exactly at a commit boundary: delivered next
+        for xid, r in rem.items():
+            self.pending[xid].remaining_s = max(0.0, r)
+        self.base_s = max(self.base_s, until)
+        return None
+
+    def next_due(self) -> tuple[float, int] | None:
+        """(completion wall time, transfer id) of the transfer that completes first."""
+        if self._plan is None:
+            self._plan = self._run(None) or (math.inf, -1)
+        return None if self._plan[1] < 0 else self._plan
+
+    def plan(self) -> list[tuple[float, int]]:
+        """Every pending transfer's completion if nothing else arrives (for tests)."""
+        saved = {x: (t, t.remaining_s, list(t.served)) for x, t in self.pending.items()}
+        base, out = self.base_s, []
+        try:
+            while self.pending:
+                nd = self.next_due()
+                if nd is None:
+                    break
+                out.append(nd)
+                self.commit(nd[0])
+                tr = self.pending.pop(nd[1])
+                tr.remaining_s = 0.0
+                self._plan = None
+        finally:
+            for x, (tr, r, sv) in saved.items():
+                tr.remaining_s, tr.served = r, sv
+                self.pending[x] = tr
+            self.base_s, self._plan = base, None
+        return out
+
+    def next_due_s(self) -> float:
+        nd = self.next_due()
+        return nd[0] if nd else math.inf
+
+    def commit(self, until_s: float) -> None:
+        """Serves the queue up to ``until_s`` (not past the next completion)."""
+        if until_s <= self.base_s:
+            return
+        self._run(until_s)
+        self._plan = None
+
+    def pop_due(self, now_s: float) -> Transfer | None:
+        """The transfer that completes first, if that is no later than ``now_s``; its
+        completion becomes ``base_s``."""
+        nd = self.next_due()
+        if nd is None or nd[0] > now_s:
+            return None
+        done_s, xid = nd
+        self.commit(done_s)
+        t = self.pending.pop(xid)
+        if t.remaining_s > 1e-12:  # the commit ended exactly at its completion
+            t.served.append((done_s - t.remaining_s, done_s))
+        t.remaining_s = 0.0
+        self._plan = None
+        t.done_s = done_s  # type: ignore[attr-defined]
+        return t
+
+
+@dataclass
+class LinkStats:
+    """What the link measured: bytes and transfers by kind (true sizes), lateness."""
+
+    bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    transfers: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    step_bytes: dict[int, dict[str, int]] = field(default_factory=dict)  # MoE step -> kind -> bytes
+    cancelled: int = 0
+    upgraded: int = 0
+    delivery_lag_max_s: float = 0.0  # how late a delivery was sent after its completion
+    intervals: list[list] = field(default_factory=list)  # [kind, label, start, end] (traced)
+
+
+class HostLink:
+    """The link's message handling around a :class:`LinkSchedule` (transport-agnostic).
+
+    ``on_message`` takes a decoded message, ``due`` returns the deliveries whose time has come
+    as ``(peer, frames)``. Configured per run by a ``link`` command of kind ``reset`` with
+    ``dilation``, ``latency_s``, ``bw_bytes_per_s``, ``prefetch_class``, ``trace_seqs``.
+    """
+
+    def __init__(self) -> None:
+        self.sched = LinkSchedule()
+        self.stats = LinkStats()
+        self.dilation = 1.0
+        self.latency_s = 0.0
+        self.bw = 1.0
+        self.prefetch_class = CLASS_PREFETCH
+        self.trace_seqs: tuple[int, int] = (0, -1)
+        self.bypass = False  # before a run (preload): deliver at once, unthrottled
+        self.lookahead_s = 0.0  # deliveries leave this early, stamped with their completion
+        self.by_pid: dict[int, int] = {}  # the scheduler's transfer id -> the link's
+        self.early_upgrades: dict[int, tuple[int, float]] = {}  # pid -> (order, at_s)
+        self.early_cancels: set[int] = set()
+        self._xids = itertools.count(1)
+
+    def reset(self, f: dict[str, Any]) -> None:
+        self.sched = LinkSchedule(float(f.get("base_s", wall_now())))
+        self.stats = LinkStats()
+        self.dilation = float(f["dilation"])
+        self.latency_s = float(f["latency_s"])
+        self.bw = float(f["bw_bytes_per_s"])
+        self.prefetch_class = int(f["prefetch_class"])
+        lo, hi = f.get("trace_seqs", [0, -1])
+        self.trace_seqs = (int(lo), int(hi))
+        self.bypass = bool(f.get("bypass", False))
+        self.lookahead_s = float(f.get("lookahead_s", 0.0))
+        self.by_pid.clear()
+        self.early_upgrades.clear()
+        self.early_cancels.clear()
+
+    def service_s(self, true_bytes: int) -> float:
+        return self.dilation * (self.latency_s + true_bytes / self.bw)
+
+    def on_message(self, sender: bytes, msg: wire.Message, frames: list[Any]) -> list:
+        """Returns immediate replies (``(peer, frames)``); deliveries come from :meth:`due`."""
+        f = msg.fields
+        if msg.type == "data":
+            kind = f["kind"]
+            if kind not in KINDS:
+                raise ProtocolError(f"link: unknown transfer kind {kind!r}")
+            cls = {"activation": CLASS_STEP, "partial": CLASS_STEP, "fetch": CLASS_FETCH,
+                   "prefetch": self.prefetch_class}[kind]
+            nbytes = int(f["true_bytes"])
+            tr = Transfer(next(self._xids), kind, cls, float(f["at_s"]), int(f.get("order", 0)), 0,
+                          0.0 if self.bypass else self.service_s(nbytes), nbytes,
+                          f["dst"].encode(), list(frames), int(f.get("seq", -1)))
+            tr.label = f.get("label", kind)  # type: ignore[attr-defined]
+            pid = f.get("pid")
+            if pid is not None:
+                pid = int(pid)
+                if pid in self.early_cancels:  # cancelled before it reached the link
+                    self.early_cancels.discard(pid)
+                    self.stats.cancelled += 1
+                    return []
+                tr.pid = pid  # type: ignore[attr-defined]
+                self.by_pid[pid] = tr.xid
+                up = self.early_upgrades.pop(pid, None)
+                if up is not None:  # upgraded before it reached the link
+                    tr.cls, tr.order = CLASS_FETCH, up[0]
+                    tr.arrive_s = max(tr.arrive_s, up[1])
+                    self.stats.upgraded += 1
+            if self.bypass:
+                tr.arrive_s = max(tr.arrive_s, self.sched.base_s)
+            self.sched.add(tr)
+            return []
+        if msg.type == "cmd":
+            kind = f["kind"]
+            at = min(float(f.get("at_s", self.sched.base_s)), wall_now())
+            if kind == "cancel":
+                for pid in f["pids"]:
+                    x = self.by_pid.pop(int(pid), None)
+                    if x is None:
+                        self.early_cancels.add(int(pid))
+                    elif self.sched.cancel(x, at) is not None:
+                        self.stats.cancelled += 1
+                return []
+            if kind == "upgrade":
+                for pid, order in f["items"]:
+                    x = self.by_pid.get(int(pid))
+                    if x is None:  # its weights have not reached the link yet
+                        self.early_upgrades[int(pid)] = (int(order), float(f["at_s"]))
+                    elif self.sched.upgrade(x, CLASS_FETCH, at, int(order)):
+                        self.stats.upgraded += 1
+                return []
+        raise ProtocolError(f"link: unexpected message {msg.type!r}/{f.get('kind')!r}")
+
+    def due(self, now_s: float) -> list[tuple[bytes, list]]:
+        out = []
+        while (t := self.sched.pop_due(now_s)) is not None:
+            done = t.done_s  # type: ignore[attr-defined]
+            self.stats.delivery_lag_max_s = max(self.stats.delivery_lag_max_s, now_s - done)
+            kind = t.kind if t.cls != CLASS_FETCH or t.kind != "prefetch" else "fetch"
+            self.stats.bytes[kind] += t.true_bytes
+            self.stats.transfers[kind] += 1
+            if t.seq >= 0:
+                sb = self.stats.step_bytes.setdefault(t.seq, dict.fromkeys(KINDS, 0))
+                sb[kind] += t.true_bytes
+            pid = getattr(t, "pid", None)
+            if pid is not None and self.by_pid.get(pid) == t.xid:
+                del self.by_pid[pid]
+            lo, hi = self.trace_seqs
+            if not self.bypass and (lo <= t.seq <= hi or (t.seq < 0 and self._in_trace_window(t))):
+                for a, b in t.served:
+                    self.stats.intervals.append([kind, getattr(t, "label", kind), a, b])
+            out.append((t.dst, _restamp(t.frames, done)))
+        return out
+
+    def _in_trace_window(self, t: Transfer) -> bool:
+        w = getattr(self, "trace_window", None)
+        return w is not None and any(w[0] <= a <= w[1] for a, _ in t.served)
+
+    def report(self) -> dict[str, Any]:
+        s = self.stats
+        return {"bytes": dict(s.bytes), "transfers": dict(s.transfers),
+                "step_bytes": {str(k): v for k, v in s.step_bytes.items()},
+                "cancelled": s.cancelled, "upgraded": s.upgraded,
+                "late_arrivals": self.sched.late_arrivals,
+                "late_total_s": self.sched.late_total_s,
+                "delivery_lag_max_s": s.delivery_lag_max_s,
+                "pending": len(self.sched.pending), "intervals": s.intervals}
+
+
+def _restamp(frames: list[Any], at_s: float) -> list:
+    """The transfer's message with its delivery stamp (the completion time) as ``at_s``."""
+    msg = wire.decode(frames)
+    return wire.encode("data", {**msg.fields, "at_s": at_s}, [np.asarray(a) for a in msg.arrays])
+
+
+class LinkServer:
+    """Serves a :class:`HostLink` on ``transport`` until ``shutdown``.
+
+    Control requests from the scheduler (``task`` of kind ``reset``, ``report``, ``window``)
+    are answered with a ``result``; ``data`` and ``cmd`` messages are queued and delivered at
+    their completion. Malformed messages are counted and answered with ``error``.
+    """
+
+    def __init__(self, transport: Transport, *, poll_s: float = 0.05) -> None:
+        self.tr = transport
+        self.link = HostLink()
+        self.poll_s = poll_s
+        self.rejected = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _control(self, peer: bytes, msg: wire.Message) -> None:
+        f = msg.fields
+        kind = f["kind"]
+        if kind == "reset":
+            self.link.reset(f)
+            out: dict[str, Any] = {}
+        elif kind == "report":
+            out = {"report": self.link.report()}
+        elif kind == "window":
+            self.link.trace_window = (float(f["start_s"]), float(f["end_s"]))
+            out = {}
+        elif kind == "bypass":
+            self.link.bypass = bool(f["on"])
+            out = {}
+        else:
+            raise ProtocolError(f"link: unknown task kind {kind!r}")
+        self.tr.send(peer, wire.encode("result", {"task_id": f["task_id"],
+                                                  "attempt": f.get("attempt", 1), **out}))
+
+    def _handle(self, peer: bytes, frames: list) -> bool:
+        """One message; True for ``shutdown``."""
+        try:
+            msg = wire.decode(frames)
+            if msg.type == "shutdown":
+                return True
+            if msg.type == "ping":
+                self.tr.send(peer, wire.encode("pong", {"seq": msg.fields["seq"],
+                                                        "wall_s": wall_now()}))
+            elif msg.type == "task":
+                self._control(peer, msg)
+            else:
+                for p, fr in self.link.on_message(peer, msg, frames):
+                    self.tr.send(p, fr)
+        except Exception as exc:  # bad input is answered and counted; the link serves on
+            self.rejected += 1
+            err: dict[str, Any] = {"message": f"link: {type(exc).__name__}: {exc}"[:2000]}
+            with contextlib.suppress(EmulationError):
+                self.tr.send(peer, wire.encode("error", err))
+        return False
+
+    def serve(self) -> None:
+        while not self._stop.is_set():
+            now = wall_now()
+            # a delivery leaves ``lookahead_s`` before its completion, stamped with it: the
+            # receiver holds it until then, so the hop to it is absorbed; an arrival inside
+            # that window that would have preempted it is counted late instead
+            for peer, frames in self.link.due(now + self.link.lookahead_s):
+                try:
+                    self.tr.send(peer, frames)
+                except EmulationError:
+                    self.rejected += 1
+            nxt = self.link.sched.next_due_s() - self.link.lookahead_s
+            wait = min(self.poll_s, max(0.0, nxt - wall_now()))
+            got = self.tr.recv(wait) if wait > 1e-3 else self.tr.recv(0.0)
+            if got is None:
+                left = nxt - wall_now()
+                if 0 < left <= 1e-3:
+                    time.sleep(left)
+                continue
+            while got is not None:  # take everything already here before re-planning
+                if self._handle(*got):
+                    self._stop.set()
+                    break
+                got = self.tr.recv(0.0)
+        self._stop.set()
+
+    def start(self) -> threading.Thread:
+        self._thread = threading.Thread(target=self.serve, name="ndpmoe-link", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
