@@ -60,6 +60,10 @@ class CostModel:
         s(self, "expert_bytes", m.expert_bytes)
         s(self, "expert_flops_per_token", 2 * m.expert_params)
         s(self, "act_bytes_per_token", m.d_model * BYTES_PER_ACT)
+        # expert durations by (tokens, column fraction): asked for again and again by the
+        # policies and the engines, with few distinct arguments
+        s(self, "_gpu_expert_memo", {})
+        s(self, "_ndp_expert_memo", {})
 
     # --- primitives -------------------------------------------------------------------------
     def gpu_compute_s(self, flops: float, nbytes: float) -> float:
@@ -82,11 +86,19 @@ class CostModel:
         return flops, nbytes
 
     def gpu_expert_s(self, n_tokens: int, frac: float = 1.0) -> float:
-        return self.gpu_compute_s(*self.expert_work(n_tokens, frac))
+        key = (n_tokens, frac)
+        s = self._gpu_expert_memo.get(key)
+        if s is None:
+            s = self._gpu_expert_memo[key] = self.gpu_compute_s(*self.expert_work(n_tokens, frac))
+        return s
 
     def ndp_expert_s(self, n_tokens: int, frac: float = 1.0) -> float:
         """On a healthy NDP unit; see :meth:`ndp_unit_expert_s` for a given unit."""
-        return self.ndp_compute_s(*self.expert_work(n_tokens, frac))
+        key = (n_tokens, frac)
+        s = self._ndp_expert_memo.get(key)
+        if s is None:
+            s = self._ndp_expert_memo[key] = self.ndp_compute_s(*self.expert_work(n_tokens, frac))
+        return s
 
     def ndp_unit_expert_s(self, unit: int, n_tokens: int, frac: float = 1.0) -> float:
         """On NDP unit ``unit``: the healthy time times its slow-down factor."""

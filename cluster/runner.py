@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import policies
-from cluster import report, rundir
-from cluster.analytic import run_policy
+from cluster import fanout, report, rundir
 from cluster.metrics import PolicyRecords, summarize
 from cluster.routing import Routing, build_routing
 from cluster.spec import Config
@@ -127,13 +126,19 @@ def _run_into(run_dir: Path, cfg: Config, routing: Routing, names: list[str], en
     else:
         summaries, records = {}, []
         steps = routing.decode_steps + 1
+
+        def done(rec: PolicyRecords) -> None:
+            records.append(rec)
+            summaries[rec.policy] = summarize(rec, cfg.ndp.num_ndp_units)
+
         try:
             with _progress(console, progress) as bar:
-                for n in names:
-                    task = bar.add_task(n, total=steps)
-                    rec = run_policy(cfg, routing, n, progress=lambda k, t=task: bar.advance(t, k))
-                    records.append(rec)
-                    summaries[n] = summarize(rec, cfg.ndp.num_ndp_units)
+                tasks = {n: bar.add_task(n, total=steps) for n in names}
+                # policies side by side on the cores (cluster.fanout), finished ones kept
+                fanout.run_policies(cfg, routing, names, done,
+                                    lambda n, k: bar.advance(tasks[n], k))
+            records.sort(key=lambda r: names.index(r.policy))
+            summaries = {n: summaries[n] for n in names}
         except BaseException as exc:  # keep the policies that finished
             report.add_speedups(summaries)
             report.write_summary(run_dir, cfg, engine, summaries, {

@@ -335,6 +335,16 @@ def place_on_units(load: np.ndarray, num_units: int, redundant_per_unit: int) ->
     return slots
 
 
+def homes_of(slots: np.ndarray, num_experts: int) -> list[list[int]]:
+    """[expert] -> the units (ascending) holding a replica of it in ``slots`` [units, S]."""
+    homes: list[list[int]] = [[] for _ in range(num_experts)]
+    for u, row in enumerate(slots.tolist()):
+        for e in dict.fromkeys(row):  # a unit counts once per expert
+            if 0 <= e < num_experts:
+                homes[e].append(u)
+    return homes
+
+
 @register("scheduler", "eplb")
 class Eplb(Scheduler):
     """DeepSeek EPLB replication of hot experts over NDP units from a moving load window."""
@@ -391,5 +401,4 @@ class Eplb(Scheduler):
         self.steps[step.layer] += 1
         if self.redundant_per_unit and self.steps[step.layer] % self.period == 0:
             slots = place_on_units(np.sum(win, axis=0), self.num_units, self.redundant_per_unit)
-            self.units[step.layer] = [np.flatnonzero((slots == e).any(axis=1)).tolist()
-                                      for e in range(self.cfg.model.num_experts)]
+            self.units[step.layer] = homes_of(slots, self.cfg.model.num_experts)

@@ -18,7 +18,9 @@ it) for which tokens, and which expert weights cross the host link on demand. Ti
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import NamedTuple
 
 from cluster.cost import CostModel
@@ -115,6 +117,7 @@ class StepTiming:
     partial_arrival_s: dict[int, float] = field(default_factory=dict)  # partial at the GPU
     fetch_done_s: dict[int, float] = field(default_factory=dict)  # expert weights at the GPU
     gpu_ready_s: float = 0.0  # everything in: the combine starts
+    backlog_segments: list[list[tuple[float, float]]] = field(default_factory=list)
 
 
 def _fill_gaps(busy: list[tuple[float, float]], start: float, durations: list[float]
@@ -148,22 +151,39 @@ def _fill_gaps(busy: list[tuple[float, float]], start: float, durations: list[fl
     return out
 
 
-def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False) -> StepTiming:
-    """Applies the module's timing rules to ``plan``; ``record`` keeps intervals for traces."""
+def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False,
+              fetch_s: Mapping[int, float] | None = None,
+              backlog_s: Sequence[float] = ()) -> StepTiming:
+    """Applies the module's timing rules to ``plan``; ``record`` keeps intervals for traces.
+
+    The engine may say more about the link than the plan does: ``fetch_s`` overrides the
+    duration of expert ``e``'s on-demand fetch (a prefetch of it already in flight is
+    upgraded to the fetch class and owes only what it has left; 0 if it landed since the
+    router ran); ``backlog_s`` are prefetches queued in the fetch class ahead of this step's
+    fetches (``link.prefetch_priority = equal``), served first in the gaps; their segments
+    come back in ``StepTiming.backlog_segments``.
+    """
     d_ff = cost.cfg.model.d_ff
-    unit_tasks: list[list[Task]] = [[] for _ in range(num_units)]
+    unit_tasks: dict[int, list[Task]] = {}  # explicit per-unit tasks, by unit
     gpu_tasks: list[Task] = []
     groups: dict[tuple[int, int], list[Task]] = {}
     for t in plan.tasks:
         if t.device == GPU:
             gpu_tasks.append(t)
         elif t.device == ALL_UNITS:
-            groups.setdefault((t.col_start, t.col_end), []).append(t)
-        else:
+            key = (t.col_start, t.col_end)
+            if key in groups:
+                groups[key].append(t)
+            else:
+                groups[key] = [t]
+        elif t.device in unit_tasks:
             unit_tasks[t.device].append(t)
+        else:
+            unit_tasks[t.device] = [t]
     intervals: list[Interval] = []
-    link_bytes = {"activation": 0, "partial": 0, "fetch": 0}
-    work, toks, slices = _unit_loads(unit_tasks, groups, cost, num_units, d_ff)
+    single = _single_token(plan.tasks)
+    work, toks, slices = _unit_loads(unit_tasks, groups, cost, num_units, d_ff, single)
+    act_bytes, latency, link_bw = cost.act_bytes_per_token, cost.link_latency_s, cost.link_bw
 
     # Priority 0 on the link: one activation message per busy unit, then partials on release.
     link_t = 0.0
@@ -171,19 +191,20 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False)
     releases: list[tuple[float, int, int]] = []  # (unit done, unit, n_tokens)
     arrival: dict[int, float] = {}
     partial_at: dict[int, float] = {}
+    n_act = 0
     for u in range(num_units):
         if not toks[u]:
             continue
-        nbytes = cost.activation_bytes(toks[u])
-        link_bytes["activation"] += nbytes
-        start, link_t = link_t, link_t + cost.transfer_s(nbytes)
+        nbytes = toks[u] * act_bytes
+        n_act += nbytes
+        start, link_t = link_t, link_t + (latency + nbytes / link_bw)
         busy.append((start, link_t))
         arrival[u] = link_t
         releases.append((link_t + work[u], u, toks[u]))
         if record:
             intervals.append(Interval("link", "activation", start, link_t, f"act->ndp{u}"))
             t_u = link_t
-            pieces = [(t, t.col_end - t.col_start) for t in unit_tasks[u]]
+            pieces = [(t, t.col_end - t.col_start) for t in unit_tasks.get(u, ())]
             pieces += [(t, hi - lo) for (lo, hi), tasks in slices[u] for t in tasks]
             for task, width in pieces:
                 dur = cost.ndp_unit_expert_s(u, len(task.tokens), width / d_ff)
@@ -192,89 +213,122 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False)
                 t_u += dur
     releases.sort()
     partial_end = 0.0
-    for done, u, toks in releases:
-        nbytes = cost.activation_bytes(toks)
-        link_bytes["partial"] += nbytes
-        start = max(done, link_t)
-        link_t = start + cost.transfer_s(nbytes)
+    for done, u, n in releases:
+        start = done if done > link_t else link_t
+        link_t = start + (latency + n * act_bytes / link_bw)
         busy.append((start, link_t))
         partial_end = link_t
         partial_at[u] = link_t
         if record:
             intervals.append(Interval("link", "partial", start, link_t, f"ndp{u}->gpu"))
+    link_bytes = {"activation": n_act, "partial": n_act, "fetch": 0}
 
     # Priority 1: on-demand fetches in the gaps.
     fetch_done: dict[int, float] = {}
     segments = list(busy)
-    if plan.fetches:
-        durs = []
+    backlog_segments: list[list[tuple[float, float]]] = []
+    if plan.fetches or backlog_s:
+        durs = list(backlog_s)
+        moving = []
         for f in plan.fetches:
             frac = (f.col_end - f.col_start) / d_ff
             link_bytes["fetch"] += int(cost.expert_bytes * frac)
-            durs.append(cost.fetch_s(frac))
-        for f, segs in zip(plan.fetches, _fill_gaps(busy, 0.0, durs)):
+            override = fetch_s.get(f.expert) if fetch_s else None
+            if override == 0.0:  # landed since the router ran: ready at once
+                fetch_done[f.expert] = 0.0
+                continue
+            moving.append(f)
+            durs.append(cost.fetch_s(frac) if override is None else override)
+        filled = _fill_gaps(busy, 0.0, durs)
+        backlog_segments = filled[:len(backlog_s)]
+        for segs in backlog_segments:
+            segments.extend(segs)
+        for f, segs in zip(moving, filled[len(backlog_s):]):
             fetch_done[f.expert] = segs[-1][1]
             segments.extend(segs)
             if record:
                 intervals.extend(Interval("link", "fetch", a, b, f"L{plan.layer} e{f.expert}")
                                  for a, b in segs)
+        segments.sort()
 
     # The GPU: resident experts first, fetched ones as they arrive.
     gpu_t, gpu_busy = 0.0, 0.0
-    ordered = sorted(gpu_tasks, key=lambda t: fetch_done.get(t.expert, -1.0))
-    for task in ordered:
-        start = max(gpu_t, fetch_done.get(task.expert, 0.0))
+    if fetch_done:
+        gpu_tasks.sort(key=lambda t: fetch_done.get(t.expert, -1.0))
+    for task in gpu_tasks:
+        ready = fetch_done.get(task.expert, 0.0)
+        start = ready if ready > gpu_t else gpu_t
         dur = cost.gpu_expert_s(len(task.tokens), (task.col_end - task.col_start) / d_ff)
         gpu_t = start + dur
         gpu_busy += dur
         if record:
             intervals.append(Interval("gpu", "expert", start, gpu_t, f"L{plan.layer} e{task.expert}"))
 
-    n_tokens = len(set().union(*(t.tokens for t in plan.tasks))) if plan.tasks else 0
+    if single:
+        n_tokens = 1
+    else:
+        n_tokens = len(set().union(*(t.tokens for t in plan.tasks))) if plan.tasks else 0
     n_partials = len(releases) + (1 if gpu_tasks else 0)
-    ready = max(gpu_t, partial_end)
+    ready = gpu_t if gpu_t > partial_end else partial_end
     combine = cost.gpu_combine_s(n_tokens, n_partials)
     if record:
         intervals.append(Interval("gpu", "combine", ready, ready + combine, f"L{plan.layer}"))
-    segments.sort()
     link_busy = sum(b - a for a, b in segments)
     return StepTiming(ready + combine, work, gpu_busy + combine, link_bytes, link_busy,
                       segments, intervals, arrival, {u: d for d, u, _ in releases}, partial_at,
-                      fetch_done, ready)
+                      fetch_done, ready, backlog_segments)
 
 
-def _unit_loads(unit_tasks: list[list[Task]], groups: dict[tuple[int, int], list[Task]],
-                cost: CostModel, num_units: int, d_ff: int):
+def _single_token(tasks: tuple[Task, ...]) -> bool:
+    """Whether every task holds exactly one token, the same one (batch-1 decode)."""
+    if not tasks or len(tasks[0].tokens) != 1:
+        return False
+    tok = tasks[0].tokens
+    return all(t.tokens == tok for t in tasks)
+
+
+@lru_cache(maxsize=4096)
+def _tp_slices(width: int, num_units: int) -> tuple[tuple[int, int, int], ...]:
+    """The non-empty slices of :func:`tp_bounds` as ``(unit, start, end)``."""
+    return tuple((u, a, b) for u, (a, b) in enumerate(tp_bounds(width, num_units)) if b > a)
+
+
+def _unit_loads(unit_tasks: dict[int, list[Task]], groups: dict[tuple[int, int], list[Task]],
+                cost: CostModel, num_units: int, d_ff: int, one_token: bool = False):
     """Per unit: busy seconds, tokens it needs, and its tensor-parallel slices.
 
     A group of :data:`ALL_UNITS` tasks sharing a column range gives each unit a slice of at
     most two distinct widths, so its cost is computed once per width, not once per unit (then
-    scaled by the unit's slow-down factor, ``cost.unit_factor``).
+    scaled by the unit's slow-down factor, ``cost.unit_factor``). ``one_token``: every task
+    holds the same single token (batch-1 decode), so a unit with any task needs exactly one.
     """
     factor = cost.unit_factor
+    ndp_s = cost.ndp_expert_s
     work = [0.0] * num_units
     token_sets: list[set[int] | None] = [None] * num_units
-    for u, tasks in enumerate(unit_tasks):
+    for u, tasks in unit_tasks.items():
+        w = 0.0
         for task in tasks:
-            work[u] += cost.ndp_unit_expert_s(u, len(task.tokens),
-                                              (task.col_end - task.col_start) / d_ff)
-        if tasks:
+            w += ndp_s(len(task.tokens), (task.col_end - task.col_start) / d_ff) * factor[u]
+        work[u] = w
+        if not one_token:
             token_sets[u] = set().union(*(t.tokens for t in tasks))
     slices: list[list[tuple[tuple[int, int], list[Task]]]] = [[] for _ in range(num_units)]
-    member: list[list[int]] = [[] for _ in range(num_units)]
     unions: list[set[int]] = []
+    member: list[list[int]] = [[] for _ in range(num_units)]
     for gi, ((lo, hi), tasks) in enumerate(groups.items()):
-        unions.append(set().union(*(t.tokens for t in tasks)))
+        if not one_token:
+            unions.append(set().union(*(t.tokens for t in tasks)))
         per_width: dict[int, float] = {}
-        for u, (a, b) in enumerate(tp_bounds(hi - lo, num_units)):
+        for u, a, b in _tp_slices(hi - lo, num_units):
             w = b - a
-            if w <= 0:
-                continue
             if w not in per_width:
-                per_width[w] = sum(cost.ndp_expert_s(len(t.tokens), w / d_ff) for t in tasks)
+                per_width[w] = sum(ndp_s(len(t.tokens), w / d_ff) for t in tasks)
             work[u] += per_width[w] * factor[u]
             member[u].append(gi)
             slices[u].append(((lo + a, lo + b), tasks))
+    if one_token:
+        return work, [1 if (u in unit_tasks or member[u]) else 0 for u in range(num_units)], slices
     toks = [0] * num_units
     counted: dict[tuple[int, ...], int] = {}
     for u in range(num_units):

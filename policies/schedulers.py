@@ -263,9 +263,9 @@ class TensorParallelLoadBalanced(TensorParallel):
                     i += 1
                 g = (t if t > g else g) + gpu_s[k]
                 k += 1
-            for k in range(k, m):  # the link is free from here on
+            for j in range(k, m):  # the link is free from here on
                 t += fetch
-                g = (t if t > g else g) + gpu_s[k]
+                g = (t if t > g else g) + gpu_s[j]
             parts = units + (1 if (has_cached or m) else 0)
             return max(g, partial_end) + combine[parts]
 
