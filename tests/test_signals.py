@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,14 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def _tagged(pid: int, tag: bytes) -> bool:
+    """Whether ``pid``'s environment holds ``tag`` (children inherit it, Ray's included)."""
+    try:
+        return tag in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:
@@ -61,13 +70,18 @@ def _descendants(root: int) -> set[int]:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_the_run_and_leaves_no_ray_or_actor_process(tmp_path, sig):
+    # the run and everything it starts carry a tag in their environment, so that processes of
+    # other runs on the machine (a second copy of the suite, another user's Ray) are not its
+    tag_value = uuid.uuid4().hex
+    tag = f"NDPMOE_SIGNAL_TEST={tag_value}".encode()
     before = _pids()
     cmd = [sys.executable, "-m", "cluster.cli", "run", "--model", "olmoe-1b-7b",
            "--policies", "tp", "paper", "--set", "workload.prompt_tokens=8",
            "--set", "workload.output_tokens=64", "--set", "emulate.dilation=400",
            "--set", "weights.memory_budget_bytes=67108864", "--out", str(tmp_path / "run"), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
+                            cwd=Path(__file__).resolve().parents[1],
+                            env={**os.environ, "NDPMOE_SIGNAL_TEST": tag_value})
     lines: list[str] = []
     seen: set[int] = set()
     deadline = time.monotonic() + 150
@@ -83,6 +97,7 @@ def test_signal_stops_the_run_and_leaves_no_ray_or_actor_process(tmp_path, sig):
         time.sleep(3.0)  # well inside the first policy: D = 400 makes it last minutes
         seen = _descendants(proc.pid)
         assert any("ray" in _cmdline(p) for p in seen), "no Ray process was started"
+        assert any("ray" in _cmdline(p) and _tagged(p, tag) for p in seen), "tag not inherited"
         proc.send_signal(sig)  # to the process this test started, by its pid
         out, _ = proc.communicate(timeout=60)
         lines.append(out)
@@ -100,8 +115,7 @@ def test_signal_stops_the_run_and_leaves_no_ray_or_actor_process(tmp_path, sig):
     assert summary["policies"]["tp"]["status"] == "failed"
     # every process the run started is gone (Ray's daemons, workers and actors included)
     end = time.monotonic() + 20
-    left = {p for p in (seen | (_pids() - before)) if _alive(p) and p != os.getpid()
-            and ("ray" in _cmdline(p) or "ndpmoe" in _cmdline(p) or "cluster.cli" in _cmdline(p))}
+    left = {p for p in seen | (_pids() - before) if _alive(p) and _tagged(p, tag)}
     while left and time.monotonic() < end:
         time.sleep(0.5)
         left = {p for p in left if _alive(p)}
