@@ -64,6 +64,8 @@ class CostModel:
         # policies and the engines, with few distinct arguments
         s(self, "_gpu_expert_memo", {})
         s(self, "_ndp_expert_memo", {})
+        s(self, "_combine_memo", {})
+        s(self, "_layer_memo", {})
 
     # --- primitives -------------------------------------------------------------------------
     def gpu_compute_s(self, flops: float, nbytes: float) -> float:
@@ -119,6 +121,13 @@ class CostModel:
         (``batch`` sequences of ``context_tokens``); attention flops are ``4 * n * ctx *
         heads * head_dim`` (scores and weighted sum).
         """
+        key = (n_tokens, context_tokens, batch)
+        s = self._layer_memo.get(key)  # the same for every layer of a step
+        if s is None:
+            s = self._layer_memo[key] = self._gpu_layer_s(n_tokens, context_tokens, batch)
+        return s
+
+    def _gpu_layer_s(self, n_tokens: int, context_tokens: int, batch: int) -> float:
         m = self.cfg.model
         params = m.gpu_layer_params
         kv = batch * context_tokens * m.kv_elems_per_token_layer * BYTES_PER_ACT
@@ -144,5 +153,10 @@ class CostModel:
 
     def gpu_combine_s(self, n_tokens: int, n_partials: int) -> float:
         """Summing ``n_partials`` gate-weighted partial outputs into the residual stream."""
-        nbytes = (n_partials + 1) * n_tokens * self.act_bytes_per_token
-        return self.gpu_compute_s(n_partials * n_tokens * self.cfg.model.d_model, nbytes)
+        key = (n_tokens, n_partials)
+        s = self._combine_memo.get(key)
+        if s is None:
+            nbytes = (n_partials + 1) * n_tokens * self.act_bytes_per_token
+            s = self._combine_memo[key] = self.gpu_compute_s(
+                n_partials * n_tokens * self.cfg.model.d_model, nbytes)
+        return s

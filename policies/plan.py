@@ -182,7 +182,7 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False,
             unit_tasks[t.device] = [t]
     intervals: list[Interval] = []
     single = _single_token(plan.tasks)
-    work, toks, slices = _unit_loads(unit_tasks, groups, cost, num_units, d_ff, single)
+    work, toks, slices = _unit_loads(unit_tasks, groups, cost, num_units, d_ff, single, record)
     act_bytes, latency, link_bw = cost.act_bytes_per_token, cost.link_latency_s, cost.link_bw
 
     # Priority 0 on the link: one activation message per busy unit, then partials on release.
@@ -294,8 +294,9 @@ def _tp_slices(width: int, num_units: int) -> tuple[tuple[int, int, int], ...]:
 
 
 def _unit_loads(unit_tasks: dict[int, list[Task]], groups: dict[tuple[int, int], list[Task]],
-                cost: CostModel, num_units: int, d_ff: int, one_token: bool = False):
-    """Per unit: busy seconds, tokens it needs, and its tensor-parallel slices.
+                cost: CostModel, num_units: int, d_ff: int, one_token: bool = False,
+                want_slices: bool = True):
+    """Per unit: busy seconds, tokens it needs, and (``want_slices``) its tensor-parallel slices.
 
     A group of :data:`ALL_UNITS` tasks sharing a column range gives each unit a slice of at
     most two distinct widths, so its cost is computed once per width, not once per unit (then
@@ -326,7 +327,8 @@ def _unit_loads(unit_tasks: dict[int, list[Task]], groups: dict[tuple[int, int],
                 per_width[w] = sum(ndp_s(len(t.tokens), w / d_ff) for t in tasks)
             work[u] += per_width[w] * factor[u]
             member[u].append(gi)
-            slices[u].append(((lo + a, lo + b), tasks))
+            if want_slices:
+                slices[u].append(((lo + a, lo + b), tasks))
     if one_token:
         return work, [1 if (u in unit_tasks or member[u]) else 0 for u in range(num_units)], slices
     toks = [0] * num_units
