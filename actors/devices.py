@@ -481,7 +481,14 @@ class GpuDevice(Device):
         cost, d_ff = self.cost, self.sm.model.d_ff
         layer = int(f["layer"])
         start = max(self.free_s, float(f["at_s"]))
-        self.keep.update(int(p) for p in f.get("keep", []))
+        for pid in (int(p) for p in f.get("keep", [])):
+            got = self.arrivals.get(pid)
+            if got is None:
+                self.keep.add(pid)  # cache it when it lands
+            elif pid not in self.cache:  # it landed before this command: cache it now
+                self.cache[pid] = (got[0], got[1])
+                self.cache_peak = max(self.cache_peak, len(self.cache))
+                self.landed.append([got[0][0], got[0][1], pid, got[2]])
         arrays = cmd.arrays
         rows, gates = arrays[0], arrays[1]
         units = [int(u) for u in f["units"]]

@@ -48,6 +48,7 @@ CLASS_FETCH = 1  # on-demand expert weights
 CLASS_PREFETCH = 2  # background expert weights (lowest) -- or CLASS_FETCH when "equal"
 KINDS = ("activation", "partial", "fetch", "prefetch")
 LINK_PEER = b"link"
+EPS_S = 1e-9  # wall seconds: a transfer owing less than this is complete
 
 
 @dataclass
@@ -110,11 +111,12 @@ class LinkSchedule:
         """Moves a queued transfer into class ``cls`` from ``at_s`` on, keeping what it has
         already been served (an on-demand fetch of an expert whose prefetch is in flight)."""
         t = self.pending.get(xid)
-        if t is None or t.cls <= cls:
+        if t is None or t.cls < cls:
             return False
         at = max(at_s, self.base_s)
         self.commit(at)
         t.cls = cls
+        t.upgraded = True  # type: ignore[attr-defined]
         t.arrive_s = max(t.arrive_s, at)
         t.order = order  # its place among this step's fetches (the plan's order)
         self._plan = None
@@ -140,7 +142,9 @@ class LinkSchedule:
         while True:
             if not heap:
                 if fi >= len(future):
-                    return None
+                    if until is None:
+                        return None
+                    break
                 nxt = future[fi][0]
                 if until is not None and nxt >= until:
                     break
@@ -151,6 +155,8 @@ class LinkSchedule:
                 continue
             xid = heap[0][1]
             r = rem.get(xid, self.pending[xid].remaining_s)
+            if r < EPS_S:  # below what t + r can resolve: done
+                r = 0.0
             nxt_arr = future[fi][0] if fi < len(future) else math.inf
             finish = t + r
             if until is None and finish <= nxt_arr:
@@ -158,18 +164,18 @@ class LinkSchedule:
             stop = min(finish, nxt_arr) if until is None else min(finish, nxt_arr, until)
             if until is not None and stop > t:
                 self.pending[xid].served.append((t, stop))
-            rem[xid] = r - (stop - t)
+            rem[xid] = r - (stop - t) if finish > stop else 0.0
             t = stop
             if until is not None and t >= until:
                 break
+            if rem[xid] <= 0:  # complete before ``until``: delivered by the next pop
+                heapq.heappop(heap)
             while fi < len(future) and future[fi][0] <= t:
                 heapq.heappush(heap, (future[fi][1], future[fi][2]))
                 fi += 1
-            if rem[xid] <= 0 and until is not None:
-                heapq.heappop(heap)  # done exactly at a commit boundary: delivered next
         for xid, r in rem.items():
             self.pending[xid].remaining_s = max(0.0, r)
-        self.base_s = max(self.base_s, until)
+        self.base_s = max(self.base_s, until)  # type: ignore[type-var]
         return None
 
     def next_due(self) -> tuple[float, int] | None:
@@ -307,6 +313,7 @@ class HostLink:
                 up = self.early_upgrades.pop(pid, None)
                 if up is not None:  # upgraded before it reached the link
                     tr.cls, tr.order = CLASS_FETCH, up[0]
+                    tr.upgraded = True  # type: ignore[attr-defined]
                     tr.arrive_s = max(tr.arrive_s, up[1])
                     self.stats.upgraded += 1
             if self.bypass:
@@ -339,7 +346,7 @@ class HostLink:
         while (t := self.sched.pop_due(now_s)) is not None:
             done = t.done_s  # type: ignore[attr-defined]
             self.stats.delivery_lag_max_s = max(self.stats.delivery_lag_max_s, now_s - done)
-            kind = t.kind if t.cls != CLASS_FETCH or t.kind != "prefetch" else "fetch"
+            kind = "fetch" if getattr(t, "upgraded", False) else t.kind
             self.stats.bytes[kind] += t.true_bytes
             self.stats.transfers[kind] += 1
             if t.seq >= 0:

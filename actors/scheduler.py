@@ -540,6 +540,7 @@ class PolicyRun:
         gpu_tasks: list[policies.Task] = []
         for t in plan.expand(N):
             (gpu_tasks if t.device == policies.GPU else per_unit.setdefault(t.device, [])).append(t)
+        cached_pid = dict(self.landed)  # as the plan saw it, before this step's evictions
         # evictions: landed ones leave the GPU's cache, in-flight ones are cancelled
         evict_pids, cancel = [], []
         for key in evicted:
@@ -610,7 +611,7 @@ class PolicyRun:
                             if e == t.expert and lo <= t.col_start and t.col_end <= hi), None)
             fetched = pid is not None
             if not fetched:
-                pid = self.landed.get((layer, t.expert))
+                pid = cached_pid.get((layer, t.expert))
                 if pid is None:
                     raise EmulationError(f"plan of {self.name} runs L{layer} e{t.expert} on the GPU "
                                          f"but it is neither cached nor fetched")

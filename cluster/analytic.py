@@ -2,16 +2,21 @@
 
 One run of one policy walks the workload in order: the prefill (every prompt token at once,
 layer by layer), then one decode step per further output token. At every MoE layer the GPU
-first runs attention and the router (cost model), the policy plans the step, and
-:func:`policies.plan.time_plan` times it. Background prefetches (issued by the prefetcher)
-use the link whenever step traffic does not: in the idle time between steps and in the
-gaps inside a step (they are the lowest priority and never delay step traffic). A
-prefetched expert serves a step only if it arrived before the step began.
+first runs attention and the router (cost model); the router's output reaches the host's
+scheduler one link latency later, the policy plans the step, and the commands reach the
+devices one more latency later (the hops the emulation cluster really makes, DESIGN.md
+section 5); :func:`policies.plan.time_plan` times the step from there. Background
+prefetches (issued by the prefetcher) use the link whenever step traffic does not: in the
+idle time between steps and in the gaps inside a step (``link.prefetch_priority = lowest``)
+or share the on-demand class, first come first served (``equal``). A prefetched expert
+serves a step only if it arrived before the router ran; an on-demand fetch of one still in
+flight upgrades it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,9 +45,37 @@ class BackgroundLink:
     def push(self, keys: list[Key], now: float) -> None:
         if not self.queue:
             self.cursor = max(self.cursor, now)
+        queued = {item[0] for item in self.queue}
         for k in keys:
-            if k not in self.arrived:
+            if k not in self.arrived and k not in queued:
                 self.queue.append([k, self.cost.fetch_s()])
+                queued.add(k)
+
+    def take(self, key: Key) -> float | None:
+        """An on-demand fetch of ``key`` upgrades its queued prefetch: the fetch owes only
+        what the prefetch has left (None if ``key`` is not queued)."""
+        for i, item in enumerate(self.queue):
+            if item[0] == key:
+                del self.queue[i]
+                return item[1]
+        return None
+
+    def served_in_step(self, segments: list[list[tuple[float, float]]], start: float,
+                       makespan: float) -> None:
+        """Equal priority: the queue's head items were served in a step's gaps (``segments``
+        relative to ``start``), up to its end; complete ones have arrived."""
+        for segs in segments:
+            item = self.queue[0]
+            got = sum(min(b, makespan) - a for a, b in segs if a < makespan)
+            if got >= item[1] - 1e-15 and segs and segs[-1][1] <= makespan:
+                self.queue.popleft()
+                self.arrived.setdefault(item[0], start + segs[-1][1])
+                self.bytes_moved += self.cost.expert_bytes
+                self.experts_moved += 1
+                continue
+            item[1] -= got
+            break
+        self.cursor = max(self.cursor, start)
 
     def landed(self, keys: list[Key], now: float) -> None:
         """Keys that reached the GPU another way (an on-demand fetch): resident from ``now``,
@@ -172,7 +205,10 @@ class Episode:
         self._gpu("head", "prefill", 0, -1, cost.gpu_head_s(B))
         rec.tokens.append(TokenRecord(self.name, 0, self.t, self.t))
         self.executor.token_done(0, self.t)
-        self.bg.push(self.pf.after_prefill(routing.prefill_counts(cfg.model.num_experts)), self.t)
+        # the token event reaches the scheduler, its prefetch orders the units: two hops
+        self.bg.push(self.pf.after_prefill(routing.prefill_counts(cfg.model.num_experts)),
+                     self.t + 2 * cost.link_latency_s)
+        _drop_evicted(self.bg, self.pf)
         if progress:
             progress(1)
         # Decode: one step per further output token.
@@ -202,16 +238,47 @@ class Episode:
         self.rec.gpu_other_busy_s += seconds
 
     def _moe(self, phase: str, step: int, layer: int, routed: Mapping[int, tuple[int, ...]]) -> None:
+        """One MoE step as the executing system runs it (DESIGN.md section 5).
+
+        The router's output reaches the scheduler one link latency after ``t``; the plan
+        (and, with ``emulate.charge_decision_time``, its measured decision time) and the
+        commands to the devices one more latency later: the step's link traffic starts at
+        ``start``. The cache the plan sees is what had landed by ``t``. Prefetch decisions
+        and evictions take effect at ``start`` too; an on-demand fetch of an expert whose
+        prefetch is still queued upgrades it (it owes what it has left).
+        """
         cfg, cost, bg, pf, rec = self.cfg, self.cost, self.bg, self.pf, self.rec
         N = cfg.ndp.num_ndp_units
         t = self.t
-        bg.advance(t)
         resident = frozenset(e for e in pf.cache.layer(layer) if bg.arrived.get((layer, e), np.inf) <= t)
         inp = policies.StepInput(layer, phase, routed, resident)
+        t0 = time.perf_counter()
         plan = self.sched.plan(inp)
+        more: list[Key] = []
+        fetched = [f.expert for f in plan.fetches if f.col_start == 0 and f.col_end == cfg.model.d_ff]
+        if phase == "decode":
+            more = pf.after_step(layer, step - 1, {e: len(v) for e, v in routed.items()}, fetched)
+        decision = time.perf_counter() - t0 if cfg.emulate.charge_decision_time else 0.0
+        start = t + 2 * cost.link_latency_s + decision
+        bg.advance(start)
+        _drop_evicted(bg, pf)
+        overrides: dict[int, float] = {}
+        for e in fetched:
+            left = bg.take((layer, e))
+            if left is not None:
+                overrides[e] = left
+            elif (layer, e) in bg.arrived and bg.arrived[(layer, e)] <= start:
+                overrides[e] = 0.0  # landed after the router ran: ready at once
+        equal = cfg.link.prefetch_priority == "equal"
+        backlog = [item[1] for item in bg.queue] if equal else []
         traced = step in self.trace_steps
-        timing = policies.time_plan(plan, cost, N, record=traced)
-        start, end = t, t + timing.makespan_s
+        timing = policies.time_plan(plan, cost, N, record=traced, fetch_s=overrides,
+                                    backlog_s=backlog)
+        end = start + timing.makespan_s
+        if backlog:
+            bg.served_in_step(timing.backlog_segments, start, timing.makespan_s)
+        if more:
+            bg.push(more, start)
         self.executor.moe(phase, step, layer, plan, timing, start)
         if traced:
             for iv in timing.intervals:
@@ -229,13 +296,8 @@ class Episode:
         self.t = end
         self.sched.observe(inp)
         if phase == "decode":
-            fetched = [f.expert for f in plan.fetches if f.col_start == 0 and f.col_end == cfg.model.d_ff]
-            more = pf.after_step(layer, step - 1, {e: len(v) for e, v in routed.items()}, fetched)
-            # fetched on demand and admitted: already on the GPU
+            # fetched on demand and admitted: on the GPU from the end of the step
             bg.landed([(layer, e) for e in fetched if (layer, e) in pf.cache], end)
-            _drop_evicted(bg, pf)
-            if more:
-                bg.push(more, end)
 
 
 def run_policy(cfg: Config, routing: Routing, name: str,
