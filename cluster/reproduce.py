@@ -23,6 +23,7 @@ initialised. Tables, figures and ``report.md`` are made afterwards from the summ
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -331,14 +332,25 @@ def jobs_of(cases: Iterable[Case]) -> list[Job]:
 
 
 def run_job(job: Job) -> dict[str, dict[str, Any]]:
-    """Worker body: the job's routing once, then every policy; returns their summaries."""
+    """Worker body: the job's routing once, then every policy; returns their summaries.
+
+    Two names for one scheduler + prefetcher pair (``paper`` and ``tp-lb+prefill-freq``)
+    run once: the engine is deterministic, the second gets a copy of the first's summary.
+    """
+    import policies
     from cluster.analytic import run_policy
     from cluster.metrics import summarize
     from cluster.routing import build_routing
 
     routing = build_routing(job.cfg)
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
+    ran: dict[tuple[str, str], str] = {}  # (scheduler, prefetcher) -> the name it ran as
     for name in job.policies:
+        choice = policies.resolve(name)
+        twin = ran.setdefault((choice.scheduler, choice.prefetcher), name)
+        if twin != name:
+            out[name] = copy.deepcopy(out[twin])
+            continue
         rec = run_policy(job.cfg, routing, name, trace_steps=range(0))
         s = summarize(rec, job.cfg.ndp.num_ndp_units)
         s["cache_capacity_experts"] = job.cfg.cache_capacity_experts
