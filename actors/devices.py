@@ -238,6 +238,13 @@ def _slice_cols(w: K.ExpertWeights, lo_s: int, hi_s: int, full_s: int) -> K.Expe
             np.ascontiguousarray(d[lo_s:hi_s]))
 
 
+def _int(f: dict[str, Any], name: str) -> int:
+    v = f.get(name)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ProtocolError(f"field {name!r} must be an int, got {v!r}")
+    return v
+
+
 class NdpUnit(Device):
     """NDP unit ``unit``: holds slices of experts (generated from the seed) and runs them."""
 
@@ -287,19 +294,47 @@ class NdpUnit(Device):
         raise ProtocolError(f"NDP unit {self.unit} got an unknown task kind {kind!r}")
 
     def on_message(self, peer: bytes, msg: wire.Message) -> None:
+        """Checks a command or activation when it arrives (a bad one is refused with an
+        error reply and never reaches the program), then queues it."""
         f = msg.fields
         if msg.type == "cmd" and f["kind"] == "moe":
+            self._check_moe(f, msg.arrays)
             self.cmds[int(f["seq"])] = msg
         elif msg.type == "cmd" and f["kind"] == "ship":
             self._ship(f)
         elif msg.type == "data" and f["kind"] == "activation":
-            self.acts[int(f["seq"])] = msg
+            a = msg.arrays
+            if len(a) != 1 or a[0].ndim != 2 or a[0].shape[1] != self.sm.d_model_s:
+                raise ProtocolError(f"{self.name}: activations must be one [n, {self.sm.d_model_s}] array")
+            self.acts[_int(f, "seq")] = msg
         else:
             raise ProtocolError(f"{self.name} got an unexpected {msg.type}/{f.get('kind')!r}")
 
+    def _check_moe(self, f: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        _int(f, "seq"), _int(f, "layer")
+        meta = f.get("meta")
+        if not isinstance(meta, list) or len(arrays) != 2:
+            raise ProtocolError(f"{self.name}: moe needs a meta list and arrays rows, gates")
+        d_ff, total = self.sm.model.d_ff, 0
+        for m in meta:
+            if (not isinstance(m, list) or len(m) != 4 or not all(isinstance(v, int) for v in m)
+                    or not 0 <= m[1] < m[2] <= d_ff or m[3] < 0):
+                raise ProtocolError(f"{self.name}: bad shard {m!r} (expert, lo < hi <= {d_ff}, n)")
+            total += m[3]
+        rows, gates = arrays
+        if rows.shape != (total,) or gates.shape != (total,):
+            raise ProtocolError(f"{self.name}: rows/gates must have {total} entries (sum of shard rows)")
+
     def _ship(self, f: dict[str, Any]) -> None:
         """Sends expert weights it holds to the GPU over the link (a fetch or a prefetch)."""
-        d_ff = self.sm.model.d_ff
+        d_ff, m = self.sm.model.d_ff, self.sm.model
+        if f.get("class") not in ("fetch", "prefetch") or not isinstance(f.get("items"), list):
+            raise ProtocolError(f"{self.name}: ship needs class fetch|prefetch and items")
+        for it in f["items"]:
+            if (not isinstance(it, list) or len(it) != 6 or not all(isinstance(v, int) for v in it)
+                    or not (0 <= it[0] < m.num_layers and 0 <= it[1] < m.num_experts
+                            and 0 <= it[2] < it[3] <= d_ff)):
+                raise ProtocolError(f"{self.name}: bad ship item {it!r}")
         for layer, expert, lo, hi, pid, order in f["items"]:
             w = self.slice(layer, expert, lo, hi)
             true_bytes = int(self.cost.expert_bytes * (hi - lo) / d_ff)

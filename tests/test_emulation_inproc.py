@@ -1,16 +1,26 @@
-"""The emulation scheduler and devices over the in-process transport with a virtual clock.
+"""The emulation's devices, link and scheduler over the in-process transport (no Ray, no zmq).
 
-No Ray and no zmq here: the GPU and NDP devices are served by :class:`DeviceServer` threads on
-an :class:`InprocHub`, and the scheduler runs in the test's thread. These tests pin what the
-emulation must never get wrong whatever the transport: the math equals the reference forward
-pass for every policy, the emulated timeline equals the analytic engine's, a silent or faulty
-device ends the run with an error that names it, and pacing accounts for every overrun.
+The GPU, the NDP units and the host link are served on threads of one process, the scheduler
+runs in the test's thread. What must hold whatever the transport:
+
+- scheduling never changes the math: every policy's final hidden states equal the numpy
+  reference forward pass (fp32 tolerance: the emulation sums the partials of a token in
+  another order than the reference, a sum of at most N + 2 terms per element; its reordering
+  error is a few ulps of the largest term, far below ``REL_TOL`` of the output's magnitude);
+- the timing emerges from the devices: devices built with a cost model the scheduler does not
+  know move the measured latency to what the analytic engine predicts for *that* hardware;
+- a prefetch still in flight when its expert is needed makes the GPU wait, and the wait is
+  measured and traced;
+- a device that never answers, or whose work fails, ends the run with an error naming it.
+
+Timing checks run at a dilation large enough for one Python process's threads (they share
+the GIL) and compare against the analytic engine with the fidelity target, 5%.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,13 +30,15 @@ import numpy as np
 import pytest
 
 from actors import wire
-from actors.clock import VirtualClock
 from actors.devices import DeviceServer, GpuDevice, NdpUnit
-from actors.scheduler import GPU_PEER, EmulationExecutor, SchedulerCore, unit_peer
+from actors.link import LinkServer
+from actors.scheduler import GPU_PEER, SchedulerCore, unit_peer
 from actors.transport import InprocEndpoint, InprocHub
 from cluster.analytic import run_policy
 from cluster.config import load_config
-from cluster.errors import EmulationError, ProtocolError
+from cluster.emulate import records_from_run, unit_layouts
+from cluster.errors import EmulationError
+from cluster.metrics import summarize
 from cluster.reference import reference_forward
 from cluster.routing import Routing, build_routing
 from cluster.spec import Config
@@ -34,7 +46,8 @@ from cluster.spec import Config
 SCALE = 1 / 16  # real widths: olmoe d_model 128, d_ff 64
 TINY = ("workload.prompt_tokens=6", "workload.output_tokens=3")
 REL_TOL = 1e-4
-POLICIES = ["ep", "monde", "tp", "tp-lb", "paper", "eplb", "tp-lb+lru", "tp-lb+oracle"]
+TARGET = 0.05
+POLICIES = ["ep", "monde", "tp", "tp-lb", "paper", "eplb", "tp-lb+lru", "tp-lb+oracle", "od-moe"]
 
 
 def _cfg(*overrides: str, model: str = "olmoe-1b-7b") -> Config:
@@ -48,31 +61,34 @@ def rel_error(out: np.ndarray, ref: np.ndarray) -> float:
 
 @dataclass
 class Inproc:
-    """A whole emulated system in one process: scheduler core plus served devices."""
+    """A whole emulated system in one process: scheduler core, served devices, the link."""
 
     cfg: Config
     routing: Routing
     hub: InprocHub
     core: SchedulerCore
     servers: dict[bytes, DeviceServer]
+    link: LinkServer
 
 
 @contextlib.contextmanager
-def inproc_system(cfg: Config, scale: float = SCALE,
+def inproc_system(cfg: Config, scale: float = SCALE, device_cfg: Config | None = None,
                   devices: dict[bytes, Callable[[], NdpUnit | GpuDevice] | None] | None = None,
-                  ) -> Iterator[Inproc]:
-    """Serves the GPU and every NDP unit on threads; ``devices`` replaces some of them
-    (``None``: the peer's endpoint exists but nobody serves it). Always torn down."""
+                  warm: bool = True) -> Iterator[Inproc]:
+    """Serves the GPU, every NDP unit and the link on threads; ``device_cfg`` builds the
+    devices from another config than the scheduler's; ``devices`` replaces some of them
+    (``None``: the endpoint exists but nobody serves it). Always torn down."""
     routing = build_routing(cfg)
+    dc = device_cfg or cfg
     hub = InprocHub()
     makers: dict[bytes, Callable[[], NdpUnit | GpuDevice] | None] = {
-        GPU_PEER: lambda: GpuDevice(cfg, scale)}
+        GPU_PEER: lambda: GpuDevice(dc, scale)}
     for u in range(cfg.ndp.num_ndp_units):
-        makers[unit_peer(u)] = lambda u=u: NdpUnit(cfg, u, scale)
+        makers[unit_peer(u)] = lambda u=u: NdpUnit(dc, u, scale)
     makers.update(devices or {})
     endpoints: list[InprocEndpoint] = []
     servers: dict[bytes, DeviceServer] = {}
-    core = None
+    core = link = None
     try:
         for peer, make in makers.items():
             ep = hub.endpoint(peer)
@@ -80,18 +96,27 @@ def inproc_system(cfg: Config, scale: float = SCALE,
             if make is not None:
                 servers[peer] = DeviceServer(make(), ep, poll_s=0.01)
                 servers[peer].start()
+        link_ep = hub.endpoint(b"link")
+        endpoints.append(link_ep)
+        link = LinkServer(link_ep, poll_s=0.01)
+        link.start()
         sched_ep = hub.endpoint(b"sched")
         endpoints.append(sched_ep)
         core = SchedulerCore(cfg, routing, sched_ep)
-        yield Inproc(cfg, routing, hub, core, servers)
+        core.net.heartbeat_timeout_s = None  # no heartbeat threads here: deadlines only
+        if warm:
+            core.warm(unit_layouts(cfg, scale))
+            core.sync_clocks()
+        yield Inproc(cfg, routing, hub, core, servers, link)
     finally:
         if core is not None:
             core.shutdown()
         for s in servers.values():
             s.stop()
+        if link is not None:
+            link.stop()
         for ep in endpoints:
             ep.close()
-    # reached only when the body passed: a device that did not stop is a bug of its own
     assert not any(s._thread.is_alive() for s in servers.values()), "a device thread hung"
 
 
@@ -103,234 +128,95 @@ def olmoe() -> Iterator[tuple[Inproc, np.ndarray]]:
         yield sys_, reference_forward(cfg, sys_.routing, SCALE)
 
 
-def _assert_matches_reference_and_analytic(sys_: Inproc, ref: np.ndarray, name: str) -> None:
-    clock = VirtualClock()
-    rec, st = sys_.core.run_policy(name, clock=clock)
-    out = sys_.core.collect()
-    assert rel_error(out, ref) <= REL_TOL, name
-    assert st.stamp_mismatches == 0, (name, st.stamp_mismatch_max_s)
-    ana = run_policy(sys_.cfg, sys_.routing, name)
-    # one episode, two executors: the emulated timeline is the analytic one, to the bit
-    assert [t.time_s for t in rec.tokens] == [t.time_s for t in ana.tokens], name
-    assert [t.latency_s for t in rec.tokens] == [t.latency_s for t in ana.tokens], name
-    assert rec.steps == ana.steps, name
-    # a virtual clock is never late: every segment paced, none overran
-    assert st.segments > 0
-    assert (st.overruns, st.lag_total_s, st.lag_max_s) == (0, 0.0, 0.0), name
-    assert st.emulated_e2e_s == rec.tokens[-1].time_s == clock.now_s()
-    assert st.messages > 0
-
-
 @pytest.mark.parametrize("name", POLICIES)
-def test_every_policy_computes_the_reference_math_on_the_analytic_timeline(olmoe, name) -> None:
+def test_every_policy_computes_the_reference_math(olmoe, name) -> None:
     sys_, ref = olmoe
-    _assert_matches_reference_and_analytic(sys_, ref, name)
+    st, meta = sys_.core.run_policy(name, 1.0)
+    assert rel_error(sys_.core.collect(), ref) <= REL_TOL, name
+    rec = records_from_run(sys_.cfg, name, st, meta)
+    # every token and every MoE step was measured
+    assert [t.index for t in rec.tokens] == list(range(sys_.routing.decode_steps + 1))
+    assert len(rec.steps) == sys_.cfg.model.num_layers * (sys_.routing.decode_steps + 1)
+    assert all(s.end_s >= s.start_s for s in rec.steps)
+    link = st.reports["link"]
+    assert link["bytes"]["activation"] > 0 or name == "tp-lb+oracle"
+    assert link["pending"] == 0  # everything that entered the link left it
 
 
-def test_fractional_lb_split_computes_the_reference_math_on_the_analytic_timeline() -> None:
-    cfg = _cfg("policy.lb_split=fractional")
+def test_fractional_split_and_batch_two_with_dense_and_shared_experts() -> None:
+    for cfg in (_cfg("policy.lb_split=fractional"),
+                _cfg("workload.batch_size=2", model="deepseek-v2-lite")):
+        with inproc_system(cfg) as sys_:
+            ref = reference_forward(cfg, sys_.routing, SCALE)
+            for name in ("tp-lb", "paper"):
+                sys_.core.run_policy(name, 1.0)
+                assert rel_error(sys_.core.collect(), ref) <= REL_TOL, (cfg.model.name, name)
+
+
+def _measured(sys_: Inproc, name: str, dilation: float) -> dict:
+    st, meta = sys_.core.run_policy(name, dilation)
+    return summarize(records_from_run(sys_.cfg, name, st, meta), sys_.cfg.ndp.num_ndp_units)
+
+
+def test_latency_emerges_from_the_devices_own_cost_model() -> None:
+    """Devices built with half the NDP bandwidth; the scheduler is told nothing. The
+    measured TPOT moves to the analytic prediction for the slower hardware."""
+    cfg = _cfg("workload.output_tokens=4")
+    half = cfg.replace(ndp=dataclasses.replace(cfg.ndp, internal_bw_gbps=cfg.ndp.internal_bw_gbps / 2))
+    routing = build_routing(cfg)
+    want_half = summarize(run_policy(half, routing, "ep"), cfg.ndp.num_ndp_units)["tpot_s"]
+    want_full = summarize(run_policy(cfg, routing, "ep"), cfg.ndp.num_ndp_units)["tpot_s"]
+    assert want_half > 1.5 * want_full  # ep at batch 1 is bound by the units' bandwidth
+    with inproc_system(cfg, device_cfg=half) as sys_:
+        got = _measured(sys_, "ep", 200.0)["tpot_s"]
+    assert abs(got - want_half) / want_half <= TARGET, (got, want_half, want_full)
+
+
+def test_a_prefetch_still_in_flight_makes_the_gpu_wait_and_the_trace_shows_it() -> None:
+    """After the prefill the link is busy with the prefetches of the whole cache when decode
+    starts: the plan fetches some of them on demand, which upgrades the prefetch in flight;
+    the GPU waits for the weights to land, and the wait is measured, not assumed."""
+    cfg = _cfg("workload.output_tokens=3")
     with inproc_system(cfg) as sys_:
-        ref = reference_forward(cfg, sys_.routing, SCALE)
-        _assert_matches_reference_and_analytic(sys_, ref, "tp-lb")
-        # the option really changes the plans (else this test would repeat the plain one)
-        plain = run_policy(_cfg(), build_routing(_cfg()), "tp-lb")
-        frac = run_policy(cfg, sys_.routing, "tp-lb")
-        assert [s.end_s for s in frac.steps] != [s.end_s for s in plain.steps]
+        st, meta = sys_.core.run_policy("paper", 20.0, trace_steps=range(1, 2))
+    gpu, link = st.reports["gpu"], st.reports["link"]
+    assert link["upgraded"] > 0
+    assert link["bytes"]["prefetch"] > 0 and link["bytes"]["fetch"] > 0
+    assert len(gpu["waits"]) > 0 and max(gpu["waits"]) > 0
+    rec = records_from_run(cfg, "paper", st, meta, trace_steps=range(1, 2))
+    waits = [iv for iv in rec.intervals if iv.resource == "gpu" and iv.kind == "wait"]
+    assert waits and all(iv.end_s > iv.start_s for iv in waits)
+    fetches = [iv for iv in rec.intervals if iv.resource == "link" and iv.kind == "fetch"]
+    assert fetches  # the upgraded transfer is on the link track as a fetch
 
-
-@pytest.mark.parametrize("name", ["ep", "tp-lb"])
-def test_batch_two_with_dense_layer_and_shared_experts(name) -> None:
-    """DeepSeek-V2-Lite: a leading dense layer and two shared experts on the GPU, batch 2."""
-    cfg = _cfg("workload.batch_size=2", "workload.prompt_tokens=4", model="deepseek-v2-lite")
-    assert cfg.model.num_dense_layers == 1 and cfg.model.num_shared_experts == 2
-    with inproc_system(cfg) as sys_:
-        ref = reference_forward(cfg, sys_.routing, SCALE)
-        assert ref.shape[0] == 2
-        _assert_matches_reference_and_analytic(sys_, ref, name)
-
-
-def test_policies_run_back_to_back_reset_the_devices(olmoe) -> None:
-    """A second run of a policy reproduces the first: outputs and stamps start over at 0."""
-    sys_, _ = olmoe
-    rec1, _ = sys_.core.run_policy("tp", clock=VirtualClock())
-    out1 = sys_.core.collect()
-    sys_.core.run_policy("ep", clock=VirtualClock())
-    rec2, st2 = sys_.core.run_policy("tp", clock=VirtualClock())
-    out2 = sys_.core.collect()
-    np.testing.assert_array_equal(out1, out2)
-    assert [t.time_s for t in rec1.tokens] == [t.time_s for t in rec2.tokens]
-    assert st2.stamp_mismatches == 0
-
-
-# --- calibration and pacing -----------------------------------------------------------------
-
-class NoSleepClock:
-    """A clock that fails the test if anyone sleeps on it."""
-
-    def __init__(self) -> None:
-        self.reads = 0
-
-    def now_s(self) -> float:
-        self.reads += 1
-        return 0.0
-
-    def sleep_until_s(self, t_s: float) -> None:
-        raise AssertionError(f"calibration slept (until emulated {t_s})")
-
-
-def test_calibration_records_ratios_and_never_sleeps(olmoe) -> None:
-    sys_, ref = olmoe
-    t0 = time.monotonic()
-    rec, st = sys_.core.run_policy("tp", clock=NoSleepClock(), calibrate=True)
-    wall = time.monotonic() - t0
-    # one ratio per paced segment with a modelled duration: every GPU layer, MoE step, head
-    L, steps = sys_.cfg.model.num_layers, sys_.routing.decode_steps + 1
-    assert st.segments == steps * (2 * L + 1)
-    assert len(st.ratios) == st.segments
-    assert all(np.isfinite(r) and r > 0 for r in st.ratios)
-    assert st.overruns == 0 and st.emulated_e2e_s == 0.0
-    assert 0 < st.wall_s <= wall
-    # the math is unchanged by calibrating
-    assert rel_error(sys_.core.collect(), ref) <= REL_TOL
-    assert len(rec.tokens) == steps
-
-
-def test_calibration_can_stop_after_a_few_decode_steps(olmoe) -> None:
-    sys_, _ = olmoe
-    rec, st = sys_.core.run_policy("paper", clock=NoSleepClock(), calibrate=True,
-                                   max_decode_steps=1)
-    assert [t.index for t in rec.tokens] == [0, 1]
-    assert st.segments == 2 * (2 * sys_.cfg.model.num_layers + 1)
-
-
-class LateClock:
-    """Emulated time that is ``now`` whatever happens; records every sleep."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-        self.sleeps: list[float] = []
-
-    def now_s(self) -> float:
-        return self.now
-
-    def sleep_until_s(self, t_s: float) -> None:
-        self.sleeps.append(t_s)
-
-
-def _executor(clock, tolerance_s: float = 0.0, calibrate: bool = False) -> EmulationExecutor:
-    cfg = _cfg()
-    return EmulationExecutor(cfg, build_routing(cfg), transport=None, clock=clock, timeout_s=1.0,
-                             calibrate=calibrate, tolerance_s=tolerance_s)
-
-
-def test_pace_counts_a_late_segment_as_an_overrun_and_does_not_sleep() -> None:
-    clock = LateClock(now=1.25)
-    ex = _executor(clock)
-    ex._pace(1.0)
-    assert clock.sleeps == []
-    st = ex.stats
-    assert (st.segments, st.overruns) == (1, 1)
-    assert st.lag_total_s == pytest.approx(0.25) and st.lag_max_s == pytest.approx(0.25)
-    clock.now = 2.5
-    ex._pace(2.0)  # lag 0.5: the max moves, the total adds up
-    assert clock.sleeps == []
-    assert (st.segments, st.overruns) == (2, 2)
-    assert st.lag_total_s == pytest.approx(0.75) and st.lag_max_s == pytest.approx(0.5)
-    # an early segment sleeps to its target and is no overrun
-    ex._pace(3.0)
-    assert clock.sleeps == [3.0]
-    assert (st.segments, st.overruns) == (3, 2)
-    assert st.lag_total_s == pytest.approx(0.75)
-
-
-def test_pace_tolerates_lag_within_the_tolerance() -> None:
-    clock = LateClock(now=1.0 + 1e-4)
-    ex = _executor(clock, tolerance_s=1e-3)
-    ex._pace(1.0)
-    assert ex.stats.overruns == 0 and ex.stats.lag_total_s == 0.0
-    assert clock.sleeps == [1.0]
-
-
-def test_pace_in_calibration_records_the_ratio_and_neither_sleeps_nor_overruns() -> None:
-    clock = LateClock(now=100.0)
-    ex = _executor(clock, calibrate=True)
-    ex._pace(1e-3)
-    ex._pace(2e-3)
-    assert clock.sleeps == []
-    assert ex.stats.overruns == 0
-    assert len(ex.stats.ratios) == 2 and all(r >= 0 for r in ex.stats.ratios)
-
-
-# --- faults -------------------------------------------------------------------------------
 
 def test_a_device_that_never_answers_fails_the_run_naming_it_within_the_deadline() -> None:
-    cfg = _cfg("emulate.recv_timeout_s=0.5")
-    with inproc_system(cfg, devices={unit_peer(2): None}) as sys_:
+    cfg = _cfg("emulate.recv_timeout_s=2")
+    with inproc_system(cfg, devices={unit_peer(2): None}, warm=False) as sys_:
         t0 = time.monotonic()
-        with pytest.raises(EmulationError) as err:
-            sys_.core.run_policy("tp", clock=VirtualClock())
-        took = time.monotonic() - t0
-    msg = str(err.value)
-    assert "ndp2" in msg and "0.5 s" in msg, msg
-    assert not any(p in msg for p in ("ndp0", "ndp1", "ndp3", "gpu")), msg
-    assert 0.5 <= took < 2.0
+        with pytest.raises(EmulationError, match="ndp2"):
+            sys_.core.run_policy("tp", 1.0)
+        assert time.monotonic() - t0 < 10
 
 
-class HangingUnit(NdpUnit):
-    """Answers everything but its expert shards, on which it hangs until released."""
+class BrokenUnit(NdpUnit):
+    """Fails on its first shard: a bug on the device."""
 
-    def __init__(self, cfg: Config, unit: int, scale: float, release: threading.Event) -> None:
-        super().__init__(cfg, unit, scale)
-        self.release = release
+    def slice(self, layer, expert, lo, hi):
+        if getattr(self, "_armed", False):
+            raise RuntimeError("DIMM on fire")
+        return super().slice(layer, expert, lo, hi)
 
-    def handle(self, msg: wire.Message) -> list:
-        if msg.fields.get("kind") == "moe":
-            self.release.wait(10.0)
-        return super().handle(msg)
-
-
-def test_a_device_that_hangs_mid_run_fails_the_run_naming_it_and_the_work() -> None:
-    cfg = _cfg("emulate.recv_timeout_s=0.5")
-    release = threading.Event()
-    hang = {unit_peer(1): lambda: HangingUnit(cfg, 1, SCALE, release)}
-    try:
-        with inproc_system(cfg, devices=hang) as sys_:
-            t0 = time.monotonic()
-            with pytest.raises(EmulationError) as err:
-                sys_.core.run_policy("tp", clock=VirtualClock())
-            took = time.monotonic() - t0
-            msg = str(err.value)
-            assert "ndp1" in msg and "expert shards" in msg and "layer 0" in msg, msg
-            assert "ndp0" not in msg and "ndp2" not in msg
-            assert took < 2.0
-            # the unit recovers; its late reply to the failed run must not leak into the next
-            release.set()
-            sys_.servers[unit_peer(1)].device.release = threading.Event()
-            sys_.servers[unit_peer(1)].device.release.set()
-            rec, st = sys_.core.run_policy("tp", clock=VirtualClock())
-            ref = reference_forward(cfg, sys_.routing, SCALE)
-            assert rel_error(sys_.core.collect(), ref) <= REL_TOL
-            assert st.stamp_mismatches == 0
-            assert rec.tokens[-1].time_s == run_policy(cfg, sys_.routing, "tp").tokens[-1].time_s
-    finally:
-        release.set()
+    def reset(self, f):
+        super().reset(f)
+        self._armed = True
 
 
-class RejectingUnit(NdpUnit):
-    def handle(self, msg: wire.Message) -> list:
-        if msg.fields.get("kind") == "moe":
-            raise ProtocolError("this unit rejects shards")
-        return super().handle(msg)
-
-
-def test_a_device_that_rejects_its_work_fails_the_run_naming_it_and_why() -> None:
-    cfg = _cfg("emulate.recv_timeout_s=0.5")
-    with inproc_system(cfg, devices={unit_peer(3): lambda: RejectingUnit(cfg, 3, SCALE)}) as sys_:
-        with pytest.raises(EmulationError) as err:
-            sys_.core.run_policy("tp", clock=VirtualClock())
-        assert sys_.servers[unit_peer(3)].rejected == 1
-    msg = str(err.value)
-    assert "ndp3" in msg and "rejects shards" in msg, msg
+def test_a_device_whose_work_fails_ends_the_run_naming_it_and_why() -> None:
+    cfg = _cfg("emulate.recv_timeout_s=5")
+    with (inproc_system(cfg, devices={unit_peer(1): lambda: BrokenUnit(cfg, 1, SCALE)}) as sys_,
+          pytest.raises(EmulationError, match=r"ndp1.*DIMM on fire")):
+        sys_.core.run_policy("tp", 1.0)
 
 
 @pytest.fixture
@@ -361,27 +247,33 @@ def _task(fields: dict, arrays: list[np.ndarray] = ()) -> list:
     return wire.encode("task", {"task_id": 7, **fields}, list(arrays))
 
 
-XN = np.ones((2, 128), np.float32)
+def _cmd(fields: dict, arrays: list[np.ndarray] = ()) -> list:
+    return wire.encode("cmd", fields, list(arrays))
+
+
+ROWS, GATES = np.zeros(1, np.int32), np.ones(1, np.float32)
 MALFORMED = {
     "not msgpack": [b"\x00garbage"],
     "no frames": [],
     "bad version": [msgpack.packb({"v": 99, "t": "ping", "seq": 1, "arrays": []})],
     "unknown type": wire.encode("pong", {"seq": 1}),
     "unknown kind": _task({"kind": "explode"}),
-    "missing field": _task({"kind": "moe", "arrival_s": 0.0, "meta": [[0, 0, 1024, 1]]},
-                           [XN, np.zeros(1, np.int32), np.ones(1, np.float32)]),
-    "missing arrays": _task({"kind": "moe", "layer": 0, "arrival_s": 0.0, "meta": []}),
-    "columns out of range": _task({"kind": "moe", "layer": 0, "arrival_s": 0.0,
-                                   "meta": [[0, 512, 0, 1]]},
-                                  [XN, np.zeros(1, np.int32), np.ones(1, np.float32)]),
-    "row out of range": _task({"kind": "moe", "layer": 0, "arrival_s": 0.0,
-                               "meta": [[0, 0, 1024, 1]]},
-                              [XN, np.array([9], np.int32), np.ones(1, np.float32)]),
-    "wrong width": _task({"kind": "moe", "layer": 0, "arrival_s": 0.0, "meta": [[0, 0, 1024, 1]]},
-                         [np.ones((2, 3), np.float32), np.zeros(1, np.int32),
-                          np.ones(1, np.float32)]),
-    "meta not a list": _task({"kind": "moe", "layer": 0, "arrival_s": 0.0, "meta": None},
-                             [XN, XN, XN]),
+    "unknown command": _cmd({"kind": "explode"}),
+    "moe without seq": _cmd({"kind": "moe", "layer": 0, "at_s": 0.0, "meta": [[0, 0, 1024, 1]]},
+                            [ROWS, GATES]),
+    "moe missing arrays": _cmd({"kind": "moe", "seq": 1, "layer": 0, "at_s": 0.0, "meta": []}),
+    "columns out of range": _cmd({"kind": "moe", "seq": 1, "layer": 0, "at_s": 0.0,
+                                  "meta": [[0, 512, 0, 1]]}, [ROWS, GATES]),
+    "meta not a list": _cmd({"kind": "moe", "seq": 1, "layer": 0, "at_s": 0.0, "meta": None},
+                            [ROWS, GATES]),
+    "rows and meta disagree": _cmd({"kind": "moe", "seq": 1, "layer": 0, "at_s": 0.0,
+                                    "meta": [[0, 0, 1024, 5]]}, [ROWS, GATES]),
+    "ship of a slice out of range": _cmd({"kind": "ship", "class": "fetch", "at_s": 0.0,
+                                          "items": [[0, 0, 0, 9999, 1, 1]]}),
+    "ship of an unknown class": _cmd({"kind": "ship", "class": "gold", "at_s": 0.0,
+                                      "items": [[0, 0, 0, 1024, 1, 1]]}),
+    "activation of the wrong width": wire.encode("data", {"kind": "activation", "seq": 1,
+                                                          "at_s": 0.0}, [np.ones((2, 3), np.float32)]),
     "warm slice out of range": _task({"kind": "warm"}, [np.array([[0, 0, 0, 9999]], np.int32)]),
 }
 
@@ -393,20 +285,16 @@ def test_malformed_messages_get_an_error_reply_and_the_device_keeps_serving(lone
         assert reply.type == "error", what
         assert reply.fields["message"], what
         assert server.rejected == i, what
-        # still serving: a ping is answered with a pong
         pong = _ask(me, wire.encode("ping", {"seq": i}))
         assert (pong.type, pong.fields["seq"]) == ("pong", i), what
     assert server._thread.is_alive()
-    # and real work still computes
-    ok = _ask(me, _task({"kind": "moe", "layer": 0, "arrival_s": 0.0, "meta": [[0, 0, 1024, 1]]},
-                        [XN, np.zeros(1, np.int32), np.ones(1, np.float32)]))
+    ok = _ask(me, _task({"kind": "report"}))
     assert ok.type == "result" and ok.fields["task_id"] == 7
-    assert ok.arrays[0].shape == XN.shape and np.isfinite(ok.arrays[0]).all()
     assert server.rejected == len(MALFORMED)
 
 
 @pytest.mark.parametrize("request_frames", [
-    wire.encode("task", {"task_id": 1, "kind": "reset"}),
+    wire.encode("task", {"task_id": 1, "kind": "report"}),
     wire.encode("ping", {"seq": 1}),
 ], ids=["task", "ping"])
 def test_a_reply_that_cannot_be_delivered_is_counted_not_fatal(lone_unit, request_frames) -> None:
