@@ -109,6 +109,7 @@ def test_slices_made_separately_concatenate_to_the_whole_expert(points: list[int
                                                                 expert: int) -> None:
     w_gate, w_up, w_down = _full(expert)
     parts = [K.expert_slice(SEED, LAYER, expert, D, F, lo, hi) for lo, hi in _cuts(points, F)]
+    # bytes, not a tolerance: weights are drawn and tiled, no arithmetic that BLAS reorders
     assert np.array_equal(np.concatenate([p[0] for p in parts], axis=1), w_gate)
     assert np.array_equal(np.concatenate([p[1] for p in parts], axis=1), w_up)
     assert np.array_equal(np.concatenate([p[2] for p in parts], axis=0), w_down)
@@ -162,6 +163,7 @@ def test_weights_have_variance_one_over_fan_in() -> None:
 def test_token_embeddings_of_some_positions_are_those_of_all_positions() -> None:
     full = K.token_embeddings(SEED, 3, 10, D)
     assert full.shape == (3, 10, D) and full.dtype == np.float32
+    # bytes: integer hashing and exactly rounded elementwise float ops, the same on any CPU
     assert np.array_equal(K.token_embeddings(SEED, 3, [7], D), full[:, 7:8])
     assert np.array_equal(K.token_embeddings(SEED, 3, np.array([2, 9]), D), full[:, [2, 9]])
     assert np.sqrt((full ** 2).mean()) == pytest.approx(1.0, rel=0.1)
