@@ -87,14 +87,16 @@ def test_signal_stops_the_run_and_leaves_no_ray_or_actor_process(tmp_path, sig):
     deadline = time.monotonic() + 150
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:  # wait until the cluster is up and the paced run has begun
+        # wait for the line printed once calibration is over, just before the paced runs: a
+        # fixed wait after "cluster up" may, on a loaded machine, still be in calibration
+        for line in proc.stdout:
             lines.append(line)
-            if "cluster up" in line:
+            if "dilation D =" in line:
                 break
             assert time.monotonic() < deadline, "".join(lines)
         else:
             pytest.fail("the run ended before its cluster came up:\n" + "".join(lines))
-        time.sleep(3.0)  # well inside the first policy: D = 400 makes it last minutes
+        time.sleep(3.0)  # inside the first paced policy: D = 400 makes it last minutes
         seen = _descendants(proc.pid)
         assert any("ray" in _cmdline(p) for p in seen), "no Ray process was started"
         assert any("ray" in _cmdline(p) and _tagged(p, tag) for p in seen), "tag not inherited"
