@@ -91,6 +91,7 @@ class EmulationStats:
     steps: list[dict[str, Any]] = field(default_factory=list)  # per MoE step, what was decided
     plans: list[Any] = field(default_factory=list)  # the plans, in step order
     ratios: list[float] = field(default_factory=list)  # real compute / modelled, every slot
+    tokens_completed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"messages": self.messages, "wall_s": self.wall_s, "recoveries": self.recoveries,
@@ -628,6 +629,7 @@ class PolicyRun:
 
     def on_token(self, f: dict[str, Any]) -> None:
         self.tokens_done += 1
+        self.stats.tokens_completed = self.tokens_done
         if int(f["step"]) != 0:
             return
         counts = self.routing.prefill_counts(self.cfg.model.num_experts)
@@ -769,7 +771,9 @@ class SchedulerCore:
             total = len(run.order)
             while True:
                 at = run.order[min(len(run.stats.steps), total - 1)]
-                peer, ev = self.net.next_event(f"MoE step of {self.step_name(*at)}")
+                what = (f"the end of {self.step_name(*run.where)}" if run.stats.steps else
+                        f"the router of {self.step_name(*at)}")
+                peer, ev = self.net.next_event(what)
                 f = ev.fields
                 kind = f["kind"]
                 if kind == "routed":

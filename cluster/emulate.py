@@ -195,6 +195,9 @@ def failed_summary(name: str, error: str, rec: PolicyRecords | None, stats,
             part.pop("e2e_latency_s", None)
             s["partial"] = part
     if stats is not None:
+        if rec is None:  # the measuring engine: what the scheduler saw before the failure
+            s["tokens_completed"] = stats.tokens_completed
+            s["moe_steps_completed"] = len(stats.steps)
         s.update(_fault_fields(stats))
         s["wall_s"] = stats.wall_s
     return s
@@ -245,6 +248,19 @@ def _emulated_summary(rec: PolicyRecords, stats, cfg: Config, analytic: PolicyRe
     return s
 
 
+def check_supported(cfg: Config) -> None:
+    """Refuses what the measuring emulation cannot do yet, before anything starts:
+    recovery of a restarted unit in a step in flight, and retried message drops."""
+    if cfg.emulate.recover:
+        raise ConfigError("emulate.recover = true is not supported by the measuring emulation "
+                          "yet: a restarted NDP unit cannot re-enter a step in flight; run "
+                          "without --recover (a dead unit then fails the run, naming it)")
+    if parse_inject(cfg.emulate.inject).drop_p:
+        raise ConfigError(f"emulate.inject = {cfg.emulate.inject!r}: drop faults are not "
+                          f"supported by the measuring emulation yet (its commands are one-way); "
+                          f"kill, slow and delay are")
+
+
 def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path, console=None,
                   progress: bool = True, address: str | None = None,
                   save_outputs: bool = False) -> tuple[dict, list[PolicyRecords], dict]:
@@ -259,6 +275,7 @@ def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path
     from cluster import launch
     from cluster.reference import reference_forward
 
+    check_supported(cfg)
     scale = choose_scale(cfg)
     say = console.print if console is not None else (lambda *a, **k: None)
     faults = parse_inject(cfg.emulate.inject)

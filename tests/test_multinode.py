@@ -10,10 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.clock import VirtualClock
-from actors.devices import DeviceServer, GpuDevice, NdpUnit
-from actors.scheduler import GPU_PEER, SchedulerCore, unit_peer
-from actors.transport import InprocHub
 from cluster import launch
 from cluster.config import load_config
 from cluster.emulate import choose_scale, unit_layouts
@@ -39,23 +35,6 @@ def two_nodes():
         cluster.shutdown()
 
 
-def single_process_outputs(cfg, routing, scale, name):
-    """The same emulation with every device in this process (no Ray, no zmq)."""
-    hub = InprocHub()
-    servers = [DeviceServer(GpuDevice(cfg, scale), hub.endpoint(GPU_PEER))]
-    servers += [DeviceServer(NdpUnit(cfg, u, scale), hub.endpoint(unit_peer(u)))
-                for u in range(cfg.ndp.num_ndp_units)]
-    for s in servers:
-        s.start()
-    try:
-        core = SchedulerCore(cfg, routing, hub.endpoint(b"sched"))
-        core.run_policy(name, clock=VirtualClock())
-        return core.collect()
-    finally:
-        for s in servers:
-            s.stop()
-
-
 def test_units_spread_over_two_nodes_compute_the_reference(two_nodes):
     import ray
 
@@ -73,14 +52,17 @@ def test_units_spread_over_two_nodes_compute_the_reference(two_nodes):
         endpoint = ray.get(em.scheduler.endpoint.remote())
         assert endpoint.startswith("tcp://") and "127.0.0.1" not in endpoint  # node address
         launch.get(em.scheduler.warm.remote(unit_layouts(cfg, scale)))
+        # clock offsets estimated by ping exchange; one host here, so they are tiny
+        residual = launch.get(em.scheduler.sync_clocks.remote())
+        assert set(residual) == {"gpu", "link", *(f"ndp{u}" for u in range(4))}
+        assert all(0 <= r < 0.05 for r in residual.values()), residual
         ref = reference_forward(cfg, routing, scale)
         for name in ("tp", "paper"):
-            _, stats = launch.get(em.scheduler.run_policy.remote(name, 1.0, True))
+            stats, _meta = launch.get(em.scheduler.run_policy.remote(name, 1.0, True))
             out = launch.get(em.scheduler.collect.remote())
-            assert stats.stamp_mismatches == 0
+            assert stats.reports["link"]["pending"] == 0
+            # fp32: the partials of a token are summed in another order than the reference's
             assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-4, name
-            # and bit for bit what the same emulation gives with every device in one process
-            assert np.array_equal(out, single_process_outputs(cfg, routing, scale, name)), name
     finally:
         em.close()
     assert ray.is_initialized()  # close() leaves a Ray it did not start running

@@ -321,16 +321,16 @@ def test_a_local_curve_run_listens_on_loopback_only_and_computes_the_reference(r
                                               "incarnation": 1}))
 
         launch.get(cluster.scheduler.warm.remote(unit_layouts(cfg, scale)), timeout=120)
-        _, st = launch.get(cluster.scheduler.run_policy.remote("tp", 1.0, True), timeout=120)
+        st, _meta = launch.get(cluster.scheduler.run_policy.remote("tp", 1.0, True), timeout=120)
         out = launch.get(cluster.scheduler.collect.remote(), timeout=60)
         ref = reference_forward(cfg, routing, scale)
         assert out.shape == ref.shape
         assert_within(out, ref, forward_tolerance(cfg, scale, ref), "curve run vs reference")
-        assert st.stamp_mismatches == 0
+        assert st.reports["link"]["pending"] == 0
         assert all(r.recv(0) is None for r in rogue_sockets)  # no command went astray
         # the scheduler's socket really is a CURVE server, and it refused the keyed rogues
         denied = ray_local.get(cluster.scheduler.__ray_call__.remote(
-            lambda sched: (sched.transport.socket.curve_server, sched.transport.denied)))
+            lambda sched: (sched.router.socket.curve_server, sched.router.denied)))
         assert denied[0] and denied[1] >= 2, denied
     finally:
         for r in rogue_sockets:
