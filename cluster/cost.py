@@ -66,6 +66,7 @@ class CostModel:
         s(self, "_ndp_expert_memo", {})
         s(self, "_combine_memo", {})
         s(self, "_layer_memo", {})
+        s(self, "_roofline_memo", {})
 
     # --- primitives -------------------------------------------------------------------------
     def gpu_compute_s(self, flops: float, nbytes: float) -> float:
@@ -92,6 +93,15 @@ class CostModel:
         s = self._gpu_expert_memo.get(key)
         if s is None:
             s = self._gpu_expert_memo[key] = self.gpu_compute_s(*self.expert_work(n_tokens, frac))
+        return s
+
+    def gpu_expert_roofline_s(self, n_tokens: int, frac: float = 1.0) -> float:
+        """The GPU's roofline time of an expert slice, without the launch overhead (bounds)."""
+        key = (n_tokens, frac)
+        s = self._roofline_memo.get(key)
+        if s is None:
+            flops, nbytes = self.expert_work(n_tokens, frac)
+            s = self._roofline_memo[key] = max(flops / self.gpu_flops, nbytes / self.gpu_bw)
         return s
 
     def ndp_expert_s(self, n_tokens: int, frac: float = 1.0) -> float:

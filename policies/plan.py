@@ -363,8 +363,7 @@ def lower_bound_s(plan: Plan, cost: CostModel, num_units: int) -> float:
         n = len(t.tokens)
         width = t.col_end - t.col_start
         if t.device == GPU:
-            flops, nbytes = cost.expert_work(n, width / d_ff)
-            gpu_s += max(flops / cost.gpu_flops, nbytes / cost.gpu_bw)
+            gpu_s += cost.gpu_expert_roofline_s(n, width / d_ff)
             continue
         k = 1 if t.device != ALL_UNITS else min(width, num_units)
         frac = width / d_ff

@@ -124,9 +124,10 @@ class TensorParallelLoadBalanced(TensorParallel):
     def plan(self, step: StepInput) -> Plan:
         cached_tasks: list[Task] = []
         cands: list[tuple[int, int]] = []
+        cached, d_ff = step.cached, self.d_ff
         for e, toks in step.routed.items():
-            if e in step.cached:
-                cached_tasks.append(self.gpu_task(e, toks))
+            if e in cached:
+                cached_tasks.append(Task(GPU, e, 0, d_ff, toks))  # as self.gpu_task
             else:
                 cands.append((-len(toks), e))
         cands.sort()
@@ -167,7 +168,7 @@ class TensorParallelLoadBalanced(TensorParallel):
     def _build(self, step: StepInput, cached_tasks: list[Task], order: list[int], m: int) -> Plan:
         routed, d_ff = step.routed, self.d_ff
         tasks = list(cached_tasks)
-        tasks += [self.gpu_task(e, routed[e]) for e in order[:m]]
+        tasks += [Task(GPU, e, 0, d_ff, routed[e]) for e in order[:m]]  # as self.gpu_task
         tasks += [Task(ALL_UNITS, e, 0, d_ff, routed[e]) for e in order[m:]]
         fetches = tuple(Fetch(e, 0, d_ff) for e in order[:m])
         return Plan(step.layer, tuple(tasks), fetches)
@@ -210,7 +211,12 @@ class TensorParallelLoadBalanced(TensorParallel):
         all_tokens = seen
         for t in cached_tasks:
             all_tokens.update(t.tokens)
-        g0 = sum(cost.gpu_expert_s(len(t.tokens)) for t in cached_tasks)
+        g0 = 0.0
+        for t in cached_tasks:
+            n = len(t.tokens)
+            if n not in gpu_of:
+                self._add_token_count(n)
+            g0 += gpu_of[n]
         fetch = self._fetch_s
         n_tokens = len(all_tokens)
         combine = {p: cost.gpu_combine_s(n_tokens, p) for p in {0, 1, U, U + 1}}
