@@ -97,7 +97,8 @@ class TensorParallelLoadBalanced(TensorParallel):
     demand, fetch and GPU compute pipelined), choosing the prefix length whose step makespan
     under :func:`~policies.plan.time_plan` is smallest. Prefix length 0 is the ``tp`` plan,
     so the result is never slower than ``tp`` under the same timing rules. Up to 16
-    candidates every prefix is timed; beyond, a binary search for the point where the GPU
+    candidates every prefix is considered (one whose GPU side alone already takes longer
+    than the best so far is not timed); beyond, a binary search for the point where the GPU
     side overtakes the NDP side, checked against its neighbours and against ``tp``.
     With ``policy.lb_split = "fractional"`` the next expert after the best prefix may also be
     split by columns between the GPU and the NDP units (an extension beyond the paper).
