@@ -11,6 +11,7 @@
                   [--system S] [--model M] [--set key=value ...] [--workers W]
                   [--address ADDR] [--emulate K] [--out DIR]
     ndpmoe stress [the same; default axes: NDP units x experts x top-k x skew x batch]
+    ndpmoe routing-stats TRACE.npz [--fit] [--prompt P] [--experts E] [--png PATH]
     ndpmoe policies        every scheduler, prefetcher and named combination
     ndpmoe presets         system and model presets
 
@@ -113,6 +114,23 @@ def _parser() -> argparse.ArgumentParser:
                         help="also run the K most imbalanced configurations on the emulation engine")
         sw.add_argument("--out", default=None)
         sw.add_argument("--quiet", action="store_true")
+
+    rs = sub.add_parser("routing-stats", help="routing statistics of a trace (does the prefill "
+                        "predict the decode?); --fit: the synthetic generator fitted to them")
+    rs.add_argument("trace", help="npz file with topk_ids [tokens, layers, k] or [sequences, "
+                    "positions, layers, k]")
+    rs.add_argument("--prompt", type=int, default=None,
+                    help="prompt tokens per sequence (default: half the positions)")
+    rs.add_argument("--experts", type=int, default=None,
+                    help="experts per layer (default: the largest id + 1)")
+    rs.add_argument("--window", type=int, default=128, help="decode tokens measured (default 128)")
+    rs.add_argument("--fit", action="store_true",
+                    help="search the generator's alpha, reuse, drift and drift_jump to match")
+    rs.add_argument("--drift-share", type=float, default=None,
+                    help="--fit: workload.drift_share to fit with (default 1.0)")
+    rs.add_argument("--png", default=None,
+                    help="--fit: where to write the coverage curves (default: TRACE-fit.png in "
+                    "the current directory)")
 
     sub.add_parser("policies", help="list schedulers, prefetchers and named policies")
     pr = sub.add_parser("presets", help="list system and model presets")
@@ -288,6 +306,56 @@ def _check_grid_lists(path: str, pols, base) -> None:
                               "list of strings")
 
 
+def cmd_routing_stats(args: argparse.Namespace, console) -> int:
+    """Statistics of a trace; with ``--fit`` beside those of the fitted generator."""
+    from pathlib import Path
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from cluster import routing_stats as rst
+    from cluster.errors import ConfigError
+
+    ids, E = rst.read_ids(args.trace, args.experts)
+    S = ids.shape[1]
+    prompt = args.prompt if args.prompt is not None else S // 2
+    if args.window < 2:
+        raise ConfigError(f"--window {args.window} is not allowed: must be an integer >= 2")
+    share = rst.DEFAULT_SHARE if args.drift_share is None else args.drift_share
+    if not 0 < share <= 1:
+        raise ConfigError(f"--drift-share {share!r} is not allowed: must be a number in (0, 1]")
+    st = rst.measure(ids, prompt, E, args.window)
+    console.print(f"[bold]{escape(args.trace)}[/]: {st.sequences} sequence(s) x {S} positions, "
+                  f"{st.num_layers} layers, {E} experts, top-{st.top_k}; prefill {prompt} tokens, "
+                  f"decode {st.decode_tokens} measured", highlight=False)
+    fitted = None
+    if args.fit:
+        with console.status("fitting the generator ..."):
+            fitted = rst.fit(st, drift_share=share)
+    t = Table(title="per layer, averaged over layers and sequences", title_justify="left")
+    t.add_column("statistic")
+    t.add_column("trace", justify="right")
+    if fitted:
+        t.add_column("fitted generator", justify="right")
+    for name in rst.STATS:
+        label = rst.LABELS[name] + (f" (uniform {st.uniform_reuse:.1%})" if name == "reuse" else "")
+        row = [label, f"{st.values[name]:.1%}"]
+        if fitted:
+            row.append(f"{fitted.stats.values[name]:.1%}")
+        t.add_row(*row)
+    console.print(t)
+    if fitted:
+        p = fitted.params
+        sets = " ".join(f"--set workload.{k}={v if isinstance(v, str) else round(v, 4)}"
+                        for k, v in p.items())
+        console.print(f"fitted ({fitted.evaluations} candidates, RMS difference "
+                      f"{fitted.error * 100:.1f} points): {sets}", highlight=False)
+        png = Path(args.png) if args.png else Path(Path(args.trace).stem + "-fit.png")
+        rst.plot_curves(png, st, fitted.stats, f"{Path(args.trace).name}: trace vs fitted generator")
+        console.print(f"coverage curves: {escape(str(png))}", highlight=False)
+    return 0
+
+
 def cmd_policies(console) -> int:
     from rich.table import Table
 
@@ -399,6 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_reproduce(args, console, argv)
         if args.cmd in ("sweep", "stress"):
             return cmd_sweep(args, console)
+        if args.cmd == "routing-stats":
+            return cmd_routing_stats(args, console)
         if args.cmd == "policies":
             return cmd_policies(console)
         if args.cmd == "presets":

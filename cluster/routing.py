@@ -8,10 +8,16 @@ prefill).
 
 Sources:
 
-- ``synthetic``: each layer has a Zipf popularity ``p_i ~ 1 / rank_i ** alpha`` over a seeded
+- ``synthetic``: each layer has a Zipf popularity ``p_i ~ 1 / rank_i ** alpha`` (or, with
+  ``popularity = "lognormal"``, ``log p_i ~ alpha * normal quantile of rank_i``) over a seeded
   random order of its experts. A token samples k distinct experts from ``p`` (Gumbel top-k,
   i.e. sequential sampling without replacement); with probability ``reuse`` each expert of
-  the previous token at that layer is kept (temporal locality).
+  the previous token at that layer is kept (temporal locality). With ``drift_share`` > 0 the
+  popular experts move over the tokens (:func:`drifting_log_popularity`): the Zipf shape stays,
+  the order of the experts drifts by a stationary random walk per sequence and layer.
+- ``qwen15-like``, ``qwen36-like``: ``synthetic`` with the parameters of
+  :data:`cluster.spec.ROUTING_PRESETS`, calibrated to routing statistics of real models
+  (:func:`effective_workload`; :mod:`cluster.routing_stats` measures and fits them).
 - ``gate``: see :mod:`cluster.reference` (a real router matmul on real hidden states).
 - ``trace``: an npz file with ``topk_ids`` ``[tokens, layers, k]`` or
   ``[sequences, positions, layers, k]`` and optionally ``topk_weights`` of the same shape.
@@ -20,6 +26,7 @@ Sources:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.errors import RoutingError
-from cluster.spec import Config, ModelSpec, WorkloadSpec
+from cluster.spec import ROUTING_PRESETS, Config, ModelSpec, WorkloadSpec
 
 
 @dataclass(frozen=True)
@@ -83,20 +90,97 @@ def group_by_expert(ids: np.ndarray) -> dict[int, tuple[int, ...]]:
     return {int(e): tuple(g.tolist()) for e, g in zip(experts, groups)}
 
 
-def zipf_popularity(num_experts: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
-    """Zipf probabilities over a random order of experts: ``p[perm[r]] ~ 1 / (r + 1) ** alpha``."""
+def ranked_popularity(num_experts: int, alpha: float, shape: str = "zipf") -> np.ndarray:
+    """Probabilities by rank, most popular first. ``zipf``: ``p_r ~ 1 / r ** alpha``;
+    ``lognormal``: ``log p_r ~ alpha * z_r`` with ``z_r`` the standard normal quantile of rank
+    ``r`` (a lighter head and a thinner tail than Zipf: a limited set of experts shares
+    the traffic more evenly and the rest are almost never chosen)."""
     ranks = np.arange(1, num_experts + 1, dtype=np.float64)
-    p = ranks ** -alpha
-    p /= p.sum()
+    if shape == "zipf":
+        p = ranks ** -alpha
+    elif shape == "exponential":
+        p = np.exp(-alpha * (ranks - 1) / num_experts)
+    else:
+        from statistics import NormalDist
+
+        nd = NormalDist()
+        z = np.array([nd.inv_cdf((num_experts - r + 0.5) / num_experts) for r in ranks])
+        p = np.exp(alpha * (z - z.max()))
+    return p / p.sum()
+
+
+def zipf_popularity(num_experts: int, alpha: float, rng: np.random.Generator,
+                    shape: str = "zipf") -> np.ndarray:
+    """Zipf probabilities over a random order of experts: ``p[perm[r]] ~ 1 / (r + 1) ** alpha``
+    (or another ``shape`` of :func:`ranked_popularity`)."""
+    p = ranked_popularity(num_experts, alpha, shape)
     out = np.empty(num_experts)
     out[rng.permutation(num_experts)] = p
     return out
 
 
-def popularity(model: ModelSpec, alpha: float, domain_seed: int) -> np.ndarray:
+def popularity(model: ModelSpec, alpha: float, domain_seed: int, shape: str = "zipf") -> np.ndarray:
     """[L, E] per-layer Zipf popularity; ``domain_seed`` fixes which experts are popular."""
     rng = np.random.default_rng([domain_seed, 0x5EED])
-    return np.stack([zipf_popularity(model.num_experts, alpha, rng) for _ in range(model.num_layers)])
+    return np.stack([zipf_popularity(model.num_experts, alpha, rng, shape)
+                     for _ in range(model.num_layers)])
+
+
+def effective_workload(work: WorkloadSpec) -> WorkloadSpec:
+    """``work`` with a routing preset's generator parameters (``qwen15-like`` ...) filled in;
+    any other workload unchanged."""
+    preset = ROUTING_PRESETS.get(work.routing)
+    if preset is None:
+        return work
+    return dataclasses.replace(work, routing="synthetic", **preset)
+
+
+def domain_scores(pop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """[L, E] standard-normal latent scores ordered like the popularity ``pop`` [L, E]: the
+    most popular expert of a layer gets the largest of E sorted draws."""
+    L, E = pop.shape
+    z = -np.sort(-rng.standard_normal((L, E)), axis=1)  # descending per layer
+    order = np.argsort(-pop, axis=1, kind="stable")
+    out = np.empty((L, E))
+    np.put_along_axis(out, order, z, axis=1)
+    return out
+
+
+class DriftingPopularity:
+    """Per-token log-popularity ``[B, L, E]`` whose expert order drifts (issue 14).
+
+    Latent score ``u = sqrt(1 - share) * domain + sqrt(share) * v``: ``domain`` is fixed
+    (:func:`domain_scores`, ordered like the stationary Zipf popularity), ``v`` is each
+    sequence's own, standard normal at the first position and an Ornstein-Uhlenbeck walk
+    after it, ``v <- sqrt(1 - drift) * v + sqrt(drift) * noise`` per token (stationary:
+    ``v`` stays standard normal, its correlation after ``n`` tokens is ``(1 - drift) **
+    (n / 2)``), plus a one-off renewal of a share ``drift_jump`` of it at the first decode
+    token. The expert of rank ``r`` by ``u`` gets the Zipf log-probability of rank
+    ``r``, so the skew (``alpha``) never changes, only which experts carry it.
+    """
+
+    def __init__(self, logzipf: np.ndarray, domain: np.ndarray, batch: int, drift: float,
+                 share: float, rng: np.random.Generator) -> None:
+        self.logzipf = logzipf  # [E] by rank, descending
+        self.domain = np.sqrt(1 - share) * domain[None]  # [1, L, E]
+        self.rho, self.kick, self.w = np.sqrt(1 - drift), np.sqrt(drift), np.sqrt(share)
+        self.rng = rng
+        self.v = rng.standard_normal((batch, *domain.shape))
+        self.ranks = np.broadcast_to(np.arange(domain.shape[1]), self.v.shape)
+
+    def step(self, first: bool, jump: float = 0.0) -> np.ndarray:
+        """Log-popularity of the next position ``[B, L, E]`` (``first``: the sequence's first).
+
+        ``jump``: a further share of ``v``'s variance renewed at this position (the decode's
+        first, where the generated text departs from the prompt)."""
+        if not first and self.kick > 0:
+            self.v = self.rho * self.v + self.kick * self.rng.standard_normal(self.v.shape)
+        if jump > 0:
+            self.v = np.sqrt(1 - jump) * self.v + np.sqrt(jump) * self.rng.standard_normal(self.v.shape)
+        order = np.argsort(-(self.domain + self.w * self.v), axis=-1)
+        rank = np.empty(self.v.shape, dtype=np.intp)
+        np.put_along_axis(rank, order, self.ranks, axis=-1)
+        return self.logzipf[rank]
 
 
 def synthetic(model: ModelSpec, work: WorkloadSpec, rng: np.random.Generator,
@@ -106,20 +190,33 @@ def synthetic(model: ModelSpec, work: WorkloadSpec, rng: np.random.Generator,
 
     The popularity (which experts are hot) comes from ``domain_seed`` (default: the workload
     seed); the token-by-token draws from ``rng``. Two traces with one domain seed and two
-    ``rng`` seeds are two samples of one distribution.
+    ``rng`` seeds are two samples of one distribution. With ``work.drift_share`` > 0 the
+    order of the experts drifts (:class:`DriftingPopularity`, its walk drawn from a generator
+    seeded from ``rng``); ``drift_share = 0`` draws exactly what the stationary generator
+    always drew.
     """
+    work = effective_workload(work)
     B, L, k = work.batch_size, model.num_layers, model.top_k
     S = positions if positions is not None else work.prompt_tokens + work.output_tokens - 1
     a = work.alpha if alpha is None else alpha
     dom = work.seed if domain_seed is None else domain_seed
-    logp = np.log(popularity(model, a, dom))  # [L, E]
+    pop = popularity(model, a, dom, work.popularity)  # [L, E]
+    logp = np.log(pop)
     E = model.num_experts
+    walk = None
+    if work.drift_share > 0:
+        logzipf = np.log(ranked_popularity(E, a, work.popularity))
+        domain = domain_scores(pop, np.random.default_rng([dom, 0xD0E5]))
+        walk = DriftingPopularity(logzipf, domain, B, work.drift, work.drift_share,
+                                  np.random.default_rng(rng.integers(1 << 62)))
     ids = np.empty((B, S, L, k), dtype=np.int32)
     prev = np.zeros((B, L, E), dtype=bool)
     rows = np.arange(B)[:, None, None]
     cols = np.arange(L)[None, :, None]
     for s in range(S):
-        keys = logp[None] + rng.gumbel(size=(B, L, E))
+        base = logp[None] if walk is None else walk.step(
+            first=s == 0, jump=work.drift_jump if s == work.prompt_tokens else 0.0)
+        keys = base + rng.gumbel(size=(B, L, E))
         if s and work.reuse > 0:
             keep = prev & (rng.random((B, L, E)) < work.reuse)
             keys = np.where(keep, keys + 1e3, keys)  # kept experts outrank any fresh draw
@@ -288,7 +385,7 @@ def build_routing(cfg: Config, rng: np.random.Generator | None = None) -> Routin
     w = cfg.workload
     check_routing_size(cfg)
     rng = rng if rng is not None else np.random.default_rng(w.seed)
-    if w.routing == "synthetic":
+    if w.routing == "synthetic" or w.routing in ROUTING_PRESETS:
         return synthetic(cfg.model, w, rng)
     if w.routing == "trace":
         return load_trace(w.trace_path, cfg.model, w)
@@ -305,12 +402,13 @@ def calibration_counts(cfg: Config) -> np.ndarray:
     alpha); ``policy.profile_domain_seed`` >= 0 and ``policy.profile_alpha`` >= 0 make the
     calibration data come from a different distribution than the served prompts.
     """
-    p = cfg.policy
+    p, w = cfg.policy, effective_workload(cfg.workload)
     rng = np.random.default_rng([p.profile_seed, 0xCA1])
-    alpha = cfg.workload.alpha if p.profile_alpha < 0 else p.profile_alpha
-    dom = cfg.workload.seed if p.profile_domain_seed < 0 else p.profile_domain_seed
+    alpha = w.alpha if p.profile_alpha < 0 else p.profile_alpha
+    dom = w.seed if p.profile_domain_seed < 0 else p.profile_domain_seed
     work = WorkloadSpec(batch_size=1, prompt_tokens=1, output_tokens=p.profile_tokens,
-                        alpha=alpha, reuse=cfg.workload.reuse, seed=cfg.workload.seed)
+                        alpha=alpha, reuse=w.reuse, drift=w.drift, drift_share=w.drift_share,
+                        seed=w.seed)
     r = synthetic(cfg.model, work, rng, alpha=alpha, positions=p.profile_tokens, domain_seed=dom)
     L, E = cfg.model.num_layers, cfg.model.num_experts
     out = np.zeros((L, E), dtype=np.int64)

@@ -230,18 +230,53 @@ class ModelSpec:
         return tokens * layers * self.kv_elems_per_token_layer * BYTES_PER_ACT
 
 
-ROUTING_SOURCES = ("synthetic", "gate", "trace")
+# Real-like routing presets for ``workload.routing``: the synthetic generator with drift,
+# calibrated by ``ndpmoe routing-stats --fit`` to routing statistics measured on two real
+# models (issue 14; per layer, averaged). Filled in below by :data:`ROUTING_PRESETS`.
+ROUTING_PRESETS: dict[str, dict[str, float | str]] = {
+    # Qwen1.5-MoE-A2.7B (60 experts, top-4, 24 layers; 6 prompts of 45-63 tokens + 128
+    # generated): decode share on the prefill's top 10/25/50% experts 13-16/29-33/54-61%;
+    # decode share on its own top 10% 22-31%; decode coverage in 128 tokens 0.95-0.99;
+    # same-layer reuse 15-19% (uniform 6.7%).
+    # Fitted (ndpmoe routing-stats --fit on the mid-points, shape 6 x (54 + 128) tokens):
+    # Zipf 0.66, a slow walk and a jump at the decode that leave the prefill little to say.
+    "qwen15-like": {"popularity": "zipf", "alpha": 0.66, "reuse": 0.06, "drift": 0.018,
+                    "drift_jump": 0.55, "drift_share": 1.0},
+    # Qwen3.6-35B-A3B (256 experts, top-8, 40 layers; 36 prompt + 127 generated): decode
+    # share on the prefill's top 10/25/50% 38/64/81%; on its own top 10% 56%; coverage 0.52;
+    # reuse 33% (uniform 3.1%).
+    # Fitted (shape 6 x (36 + 127) tokens): a few experts carry the decode evenly and half
+    # are never used, which neither Zipf nor log-normal reproduces with the top-10% share;
+    # an exponential popularity does. Little walk, a jump at the decode.
+    "qwen36-like": {"popularity": "exponential", "alpha": 8.0, "reuse": 0.25, "drift": 0.002,
+                    "drift_jump": 0.2, "drift_share": 1.0},
+}
+ROUTING_SOURCES = ("synthetic", "gate", "trace", *ROUTING_PRESETS)
+POPULARITY_SHAPES = ("zipf", "lognormal", "exponential")
 
 
 @dataclass(frozen=True)
 class WorkloadSpec:
     """What is run: batch, prompt and output lengths, and where routing comes from.
 
-    ``synthetic``: per-layer Zipf popularity (exponent ``alpha``, 0 = uniform) over a seeded
-    random order of experts, and with probability ``reuse`` a token re-picks an expert of the
+    ``synthetic``: per-layer Zipf popularity (exponent ``alpha``, 0 = uniform; with
+    ``popularity = "lognormal"`` log-normal, ``alpha`` the spread of the log-popularity; with
+    ``"exponential"`` ``p ~ exp(-alpha * rank / experts)``) over a seeded random order of
+    experts, and with probability ``reuse`` a token re-picks an expert of the
     previous token at the same layer. ``gate``: a real router matmul on the hidden states of
     the reference forward pass, with a per-expert popularity bias of strength ``gate_bias``.
     ``trace``: the npz file ``trace_path`` (see :mod:`cluster.routing`).
+
+    Drift (``synthetic``): which experts are popular moves over the tokens. A share
+    ``drift_share`` of each layer's latent popularity score is the sequence's own and follows
+    a stationary random walk (Ornstein-Uhlenbeck) that renews a fraction ``drift`` of its
+    variance per token, and renews a further share ``drift_jump`` once, at the first decode
+    token (generated text departs from its prompt); the rest is the fixed domain order. The
+    Zipf shape stays ``alpha``. ``drift_share = 0`` is the stationary generator (``drift``
+    and ``drift_jump`` are then ignored).
+    ``qwen15-like``, ``qwen36-like``: the synthetic generator with parameters calibrated to
+    real routing (:data:`ROUTING_PRESETS`; they replace ``alpha``, ``reuse`` and the drift
+    fields).
     """
 
     SECTION: ClassVar[str] = "workload"
@@ -251,6 +286,10 @@ class WorkloadSpec:
     routing: str = "synthetic"
     alpha: float = 0.8
     reuse: float = 0.2
+    popularity: str = "zipf"
+    drift: float = 0.0
+    drift_jump: float = 0.0
+    drift_share: float = 0.0
     gate_bias: float = 2.0
     trace_path: str = ""
     seed: int = 0
@@ -265,6 +304,11 @@ class WorkloadSpec:
         _check(s, "alpha", self.alpha, self.alpha <= 10, "a number in 0..10")
         _check(s, "reuse", self.reuse, isinstance(self.reuse, (int, float)) and 0 <= self.reuse <= 1,
                "a number in 0..1")
+        _check(s, "popularity", self.popularity, self.popularity in POPULARITY_SHAPES,
+               f"one of {', '.join(POPULARITY_SHAPES)}")
+        for name in ("drift", "drift_jump", "drift_share"):
+            v = getattr(self, name)
+            _check(s, name, v, _finite(v) and 0 <= v <= 1, "a number in 0..1")
         if self.routing == "trace":
             _check(s, "trace_path", self.trace_path, bool(self.trace_path),
                    "a path to an npz routing file when routing = 'trace'")
