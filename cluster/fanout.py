@@ -8,7 +8,8 @@ progress bar drains. With one worker everything runs in this process, in order.
 
 Workers are started with ``spawn`` (the parent runs a progress-bar thread, which ``fork``
 would copy mid-flight), so they know the policies the ``policies`` package registers; a
-policy registered by the caller's own code runs in this process. An exception or an interrupt in the parent terminates the workers
+policy registered by the caller's own code runs in this process, and so does everything when
+the workers cannot start. An exception or an interrupt in the parent terminates the workers
 at once; what finished before stays with the caller.
 """
 
@@ -18,6 +19,8 @@ import multiprocessing
 import os
 import queue
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 
 import policies
 from cluster.analytic import run_policy
@@ -45,21 +48,40 @@ def run_policies(cfg: Config, routing: Routing, names: Sequence[str],
         return
     ctx = multiprocessing.get_context("spawn")
     tokens = ctx.Queue()
-    pool = ctx.Pool(workers, initializer=_worker_init, initargs=(tokens,))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(tokens,))
+    pending = {pool.submit(_run_one, cfg, routing, n): n for n in names}
     try:
-        pending = [pool.apply_async(_run_one, (cfg, routing, n)) for n in names]
         while pending:
-            _drain(tokens, progress, timeout_s=0.05)
-            for res in [r for r in pending if r.ready()]:
-                pending.remove(res)
-                on_done(res.get())
-        _drain(tokens, progress, timeout_s=0.0)
-        pool.close()
+            finished, _ = wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
+            _drain(tokens, progress)
+            for fut in finished:
+                on_done(fut.result())
+                del pending[fut]
+        _drain(tokens, progress)
+    except BrokenProcessPool:
+        # a worker died before it ran anything useful, typically because the caller's
+        # script starts the run at import time (no ``if __name__ == "__main__"`` guard) and
+        # ``spawn`` re-imports it: run what is left here, in order
+        _stop(pool)
+        for n in [n for n in names if n in pending.values()]:
+            on_done(run_policy(cfg, routing, n, progress=lambda k, n=n: progress(n, k)))
+        return
     except BaseException:
-        pool.terminate()
+        _stop(pool)
         raise
-    finally:
-        pool.join()
+    pool.shutdown()
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Ends the workers now (an interrupt must not wait for a policy to finish)."""
+    workers = list(getattr(pool, "_processes", {}).values())  # no public handle before 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in workers:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in workers:
+        proc.join(timeout=5)
 
 
 def _importable(name: str) -> bool:
@@ -93,12 +115,10 @@ def _run_one(cfg: Config, routing: Routing, name: str) -> PolicyRecords:
     return rec
 
 
-def _drain(q, progress: Callable[[str, int], None], timeout_s: float) -> None:
-    try:
-        name, k = q.get(timeout=timeout_s) if timeout_s else q.get_nowait()
-        progress(name, k)
-        while True:
+def _drain(q, progress: Callable[[str, int], None]) -> None:
+    while True:
+        try:
             name, k = q.get_nowait()
-            progress(name, k)
-    except queue.Empty:
-        return
+        except queue.Empty:
+            return
+        progress(name, k)
