@@ -336,7 +336,9 @@ class PolicySpec:
     quantise them (16: fp16, no change). ``odmoe_recall`` and ``odmoe_lookahead`` (layers) set
     ``od-moe``'s predictor; ``expertflow_max_horizon`` bounds ``expertflow``'s adaptive
     look-ahead (layers). ``prefill-freq-refresh`` swaps at most ``refresh_max_swaps`` cached
-    experts every ``refresh_period_steps`` decode tokens.
+    experts every ``refresh_period_steps`` decode tokens. ``decayed-freq``
+    (:mod:`policies.drift`) decays its activation rates with a half-life of
+    ``drift_half_life_tokens`` and swaps only for a gain above ``drift_margin`` mean rates.
     """
 
     SECTION: ClassVar[str] = "policy"
@@ -358,6 +360,8 @@ class PolicySpec:
     expertflow_max_horizon: int = 4
     refresh_period_steps: int = 32
     refresh_max_swaps: int = 16
+    drift_half_life_tokens: float = 32.0
+    drift_margin: float = 2.0
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -384,6 +388,8 @@ class PolicySpec:
                and 1 <= self.ndp_weight_bits <= 16, "an integer in 1..16 (16: fp16)")
         _integers(s, self, "odmoe_lookahead", "expertflow_max_horizon", "refresh_period_steps")
         _integers(s, self, "refresh_max_swaps", minimum=0)
+        _positive(s, self, "drift_half_life_tokens")
+        _non_negative(s, self, "drift_margin")
 
 
 @dataclass(frozen=True)

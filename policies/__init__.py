@@ -5,12 +5,12 @@ Importing this package registers every scheduler, prefetcher and named combinati
 - schedulers: ``ep``, ``monde``, ``tp``, ``tp-lb``, ``eplb``, ``monde-tp``
 - prefetchers: ``none``, ``lru``, ``lfu``, ``profiled``, ``oracle``, ``prefill-freq``, and
   (:mod:`policies.neighbours`) ``context-aware``, ``od-moe``, ``expertflow``,
-  ``prefill-freq-refresh``
+  ``prefill-freq-refresh``, (:mod:`policies.drift`) ``decayed-freq``
 - combinations: ``paper`` = ``tp-lb`` + ``prefill-freq``; the neighbours ``context-aware``,
-  ``od-moe``, ``expertflow``; ``paper-refresh`` (beyond the paper)
+  ``od-moe``, ``expertflow``; ``paper-refresh`` and ``paper-drift`` (beyond the paper)
 """
 
-from policies import eplb, neighbours, prefetch, schedulers  # noqa: F401  (registration side effects)
+from policies import drift, eplb, neighbours, prefetch, schedulers  # noqa: F401  (registration side effects)
 from policies.base import Scheduler, StepInput, tp_bounds
 from policies.plan import ALL_UNITS, GPU, Fetch, Plan, StepTiming, Task, lower_bound_s, time_plan
 from policies.prefetch import ExpertCache, PrefetchContext, Prefetcher
@@ -37,6 +37,9 @@ register_combo("expertflow", "tp-lb", "expertflow",
                "ExpertFlow: routing-path prediction, adaptive prefetch horizon, LRU cache")
 register_combo("paper-refresh", "tp-lb", "prefill-freq-refresh",
                "Beyond the paper: paper with its prefetch set refreshed from decode counts")
+register_combo("paper-drift", "tp-lb", "decayed-freq",
+               "Beyond the paper: paper re-ranked by a decayed decode activation rate, one swap "
+               "per step in the link's idle time (for routing that drifts)")
 
 __all__ = [
     "ALL_UNITS", "GPU", "ExpertCache", "Fetch", "Plan", "PolicyChoice", "PrefetchContext", "Prefetcher",
