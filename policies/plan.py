@@ -168,18 +168,19 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False,
     gpu_tasks: list[Task] = []
     groups: dict[tuple[int, int], list[Task]] = {}
     for t in plan.tasks:
-        if t.device == GPU:
+        dev = t.device
+        if dev == GPU:
             gpu_tasks.append(t)
-        elif t.device == ALL_UNITS:
+        elif dev == ALL_UNITS:
             key = (t.col_start, t.col_end)
             if key in groups:
                 groups[key].append(t)
             else:
                 groups[key] = [t]
-        elif t.device in unit_tasks:
-            unit_tasks[t.device].append(t)
+        elif dev in unit_tasks:
+            unit_tasks[dev].append(t)
         else:
-            unit_tasks[t.device] = [t]
+            unit_tasks[dev] = [t]
     intervals: list[Interval] = []
     single = _single_token(plan.tasks)
     work, toks, slices = _unit_loads(unit_tasks, groups, cost, num_units, d_ff, single, record)
@@ -188,7 +189,7 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False,
     # Priority 0 on the link: one activation message per busy unit, then partials on release.
     link_t = 0.0
     busy: list[tuple[float, float]] = []
-    releases: list[tuple[float, int, int]] = []  # (unit done, unit, n_tokens)
+    releases: list[tuple[float, int, float]] = []  # (unit done, unit, message seconds)
     arrival: dict[int, float] = {}
     partial_at: dict[int, float] = {}
     n_act = 0
@@ -197,10 +198,11 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False,
             continue
         nbytes = toks[u] * act_bytes
         n_act += nbytes
-        start, link_t = link_t, link_t + (latency + nbytes / link_bw)
+        msg_s = latency + nbytes / link_bw  # its partial output is as large: as long
+        start, link_t = link_t, link_t + msg_s
         busy.append((start, link_t))
         arrival[u] = link_t
-        releases.append((link_t + work[u], u, toks[u]))
+        releases.append((link_t + work[u], u, msg_s))
         if record:
             intervals.append(Interval("link", "activation", start, link_t, f"act->ndp{u}"))
             t_u = link_t
@@ -213,9 +215,9 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False,
                 t_u += dur
     releases.sort()
     partial_end = 0.0
-    for done, u, n in releases:
+    for done, u, msg_s in releases:
         start = done if done > link_t else link_t
-        link_t = start + (latency + n * act_bytes / link_bw)
+        link_t = start + msg_s
         busy.append((start, link_t))
         partial_end = link_t
         partial_at[u] = link_t
