@@ -127,7 +127,9 @@ class Device:
         self.overruns = 0
         self.overrun_total_s = 0.0
         self.overrun_max_s = 0.0
+        self.overrun_by_kind: dict[str, list[float]] = {}  # kind -> [count, lag, late start]
         self.slots = 0
+        self.arrival_late: dict[str, list[float]] = {}  # message kind -> receipt - stamp (wall)
         self.ratios: list[float] = []  # real compute / modelled duration, per slot
         self.busy_by_seq: dict[int, float] = {}  # MoE step -> held wall seconds
         self.log: list[list] = []  # [kind, label, start, end] for traced steps
@@ -197,6 +199,10 @@ class Device:
             self.overruns += 1
             self.overrun_total_s += t1 - slot_end
             self.overrun_max_s = max(self.overrun_max_s, t1 - slot_end)
+            late = self.overrun_by_kind.setdefault(kind, [0, 0.0, 0.0])
+            late[0] += 1
+            late[1] += t1 - slot_end
+            late[2] += max(0.0, t0 - start)  # of which the work began after its slot opened
         finish = max(slot_end, t1)
         self.free_s = finish
         if seq >= 0:
@@ -213,6 +219,9 @@ class Device:
     def report(self) -> dict[str, Any]:
         return {"overruns": self.overruns, "overrun_total_s": self.overrun_total_s,
                 "overrun_max_s": self.overrun_max_s, "slots": self.slots,
+                "overrun_by_kind": self.overrun_by_kind,
+                "arrival_late": {k: [float(np.quantile(v, q)) for q in (0.5, 0.9, 1.0)]
+                                 for k, v in self.arrival_late.items()},
                 "ratios": self.ratios, "busy_by_seq": {str(k): v for k, v in self.busy_by_seq.items()},
                 "log": self.log, "error": self.error}
 
@@ -290,7 +299,7 @@ class NdpUnit(Device):
             held = self.warm([tuple(x) for x in msg.arrays[0].tolist()])
             return _reply(f, {"unit": self.unit, "bytes": held})
         if kind == "report":
-            return _reply(f, {"unit": self.unit, "report": self.report()})
+            return _reply(f, {"unit": self.unit}, [wire.json_array(self.report())])
         raise ProtocolError(f"NDP unit {self.unit} got an unknown task kind {kind!r}")
 
     def on_message(self, peer: bytes, msg: wire.Message) -> None:
@@ -416,13 +425,16 @@ class GpuDevice(Device):
                         "gpu_busy_by_seq": {str(k): v for k, v in self.gpu_busy_by_seq.items()},
                         "other_busy_s": self.other_busy_s, "waits": self.waits,
                         "cache_peak": self.cache_peak, "cache_now": len(self.cache)})
-            return _reply(f, {"report": rep})
+            return _reply(f, {}, [wire.json_array(rep)])
         if kind == "collect":
             return _reply(f, {}, [self.outputs])
         raise ProtocolError(f"GPU got an unknown task kind {kind!r}")
 
     def on_message(self, peer: bytes, msg: wire.Message) -> None:
         f = msg.fields
+        late = self.now() - float(f.get("at_s", np.inf))
+        if np.isfinite(late):  # how long after it took effect a message was in hand
+            self.arrival_late.setdefault(f"{msg.type}:{f['kind']}", []).append(late)
         if msg.type == "cmd" and f["kind"] == "moe":
             self.cmds[int(f["seq"])] = msg
         elif msg.type == "data" and f["kind"] == "partial":

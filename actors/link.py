@@ -49,6 +49,7 @@ CLASS_PREFETCH = 2  # background expert weights (lowest) -- or CLASS_FETCH when 
 KINDS = ("activation", "partial", "fetch", "prefetch")
 LINK_PEER = b"link"
 EPS_S = 1e-9  # wall seconds: a transfer owing less than this is complete
+MAX_INTERVALS = 100_000  # served segments kept for the trace, per run
 
 
 @dataclass
@@ -243,7 +244,7 @@ class LinkStats:
     cancelled: int = 0
     upgraded: int = 0
     delivery_lag_max_s: float = 0.0  # how late a delivery was sent after its completion
-    intervals: list[list] = field(default_factory=list)  # [kind, label, start, end] (traced)
+    intervals: list[list] = field(default_factory=list)  # [kind, label, start, end, seq]
 
 
 class HostLink:
@@ -355,16 +356,11 @@ class HostLink:
             pid = getattr(t, "pid", None)
             if pid is not None and self.by_pid.get(pid) == t.xid:
                 del self.by_pid[pid]
-            lo, hi = self.trace_seqs
-            if not self.bypass and (lo <= t.seq <= hi or (t.seq < 0 and self._in_trace_window(t))):
-                for a, b in t.served:
-                    self.stats.intervals.append([kind, getattr(t, "label", kind), a, b])
+            if not self.bypass and len(self.stats.intervals) < MAX_INTERVALS:
+                for a, b in t.served:  # the run's engine keeps those of the traced steps
+                    self.stats.intervals.append([kind, getattr(t, "label", kind), a, b, t.seq])
             out.append((t.dst, _restamp(t.frames, done)))
         return out
-
-    def _in_trace_window(self, t: Transfer) -> bool:
-        w = getattr(self, "trace_window", None)
-        return w is not None and any(w[0] <= a <= w[1] for a, _ in t.served)
 
     def report(self) -> dict[str, Any]:
         s = self.stats
@@ -402,21 +398,19 @@ class LinkServer:
     def _control(self, peer: bytes, msg: wire.Message) -> None:
         f = msg.fields
         kind = f["kind"]
+        arrays: list[np.ndarray] = []
         if kind == "reset":
             self.link.reset(f)
             out: dict[str, Any] = {}
         elif kind == "report":
-            out = {"report": self.link.report()}
-        elif kind == "window":
-            self.link.trace_window = (float(f["start_s"]), float(f["end_s"]))
-            out = {}
+            out, arrays = {}, [wire.json_array(self.link.report())]
         elif kind == "bypass":
             self.link.bypass = bool(f["on"])
             out = {}
         else:
             raise ProtocolError(f"link: unknown task kind {kind!r}")
         self.tr.send(peer, wire.encode("result", {"task_id": f["task_id"],
-                                                  "attempt": f.get("attempt", 1), **out}))
+                                                  "attempt": f.get("attempt", 1), **out}, arrays))
 
     def _handle(self, peer: bytes, frames: list) -> bool:
         """One message; True for ``shutdown``."""

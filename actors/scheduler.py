@@ -92,6 +92,8 @@ class EmulationStats:
     plans: list[Any] = field(default_factory=list)  # the plans, in step order
     ratios: list[float] = field(default_factory=list)  # real compute / modelled, every slot
     tokens_completed: int = 0
+    routed_late_s: list[float] = field(default_factory=list)  # router event receipt - its stamp
+    dispatch_s: list[float] = field(default_factory=list)  # receipt to last command sent
 
     def as_dict(self) -> dict[str, Any]:
         return {"messages": self.messages, "wall_s": self.wall_s, "recoveries": self.recoveries,
@@ -498,6 +500,7 @@ class PolicyRun:
             raise EmulationError(f"gpu reached layer {layer} where the scheduler expected {lay} "
                                  f"(MoE step {seq})")
         self.where = (phase, step, layer)
+        self.stats.routed_late_s.append(wall_now() - float(f["at_s"]))  # receipt vs effect
         for lay_, e, pid in f["landed"]:
             key = (int(lay_), int(e))
             if self.inflight.get(key) == int(pid):
@@ -521,6 +524,7 @@ class PolicyRun:
         charge = decision if self.cfg.emulate.charge_decision_time else 0.0
         at = float(f["at_s"]) + self.D * (charge + self.lat_s)  # the commands take effect then
         self._dispatch(seq, phase, step, layer, plan, ids, weights, more, evicted, at)
+        self.stats.dispatch_s.append(wall_now() - t0)
         self.stats.steps.append({"seq": seq, "phase": phase, "step": step, "layer": layer,
                                  "active": len(routed), "hits": sum(1 for e in routed if e in resident),
                                  "fetched": len(plan.fetches), "decision_s": decision,
@@ -537,6 +541,16 @@ class PolicyRun:
                   ids: np.ndarray, weights: np.ndarray, more: list[tuple[int, int]],
                   evicted: list[tuple[int, int]], at: float) -> None:
         net, N, d_ff = self.core.net, self.N, self.d_ff
+        memo: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
+
+        def gates_of(t: policies.Task) -> np.ndarray:
+            """Gate weights of a task's tokens: the slices of one expert share them."""
+            key = (t.expert, t.tokens)
+            g = memo.get(key)
+            if g is None:
+                g = memo[key] = K.gate_weights_for(ids, weights, t.expert, t.tokens)
+            return g
+
         per_unit: dict[int, list[policies.Task]] = {}
         gpu_tasks: list[policies.Task] = []
         for t in plan.expand(N):
@@ -589,19 +603,22 @@ class PolicyRun:
             net.post(unit_peer(u), "ship", {"class": "prefetch", "items": items, "at_s": at})
         if self.core.kills and phase == "decode" and self.inject:
             self._inject_kills(step, layer, per_unit)
-        # the units' shards
+        # the units' shards (units of a tensor-parallel step share tokens and gates: built once)
         unit_rows: dict[int, np.ndarray] = {}
+        built: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for u, tasks in sorted(per_unit.items()):
-            toks = np.unique(np.concatenate([np.asarray(t.tokens, dtype=np.int64) for t in tasks]))
-            unit_rows[u] = toks.astype(np.int32)
-            meta, rows, gates = [], [], []
-            for t in tasks:
-                tok = np.asarray(t.tokens, dtype=np.int64)
-                meta.append([t.expert, t.col_start, t.col_end, len(tok)])
-                rows.append(np.searchsorted(toks, tok).astype(np.int32))
-                gates.append(K.gate_weights_for(ids, weights, t.expert, tok))
+            key = tuple((t.expert, t.tokens) for t in tasks)
+            got = built.get(key)
+            if got is None:
+                toks = np.unique(np.fromiter((x for t in tasks for x in t.tokens), dtype=np.int64))
+                rows = np.searchsorted(toks, np.fromiter((x for t in tasks for x in t.tokens),
+                                                         dtype=np.int64)).astype(np.int32)
+                gates = np.concatenate([gates_of(t) for t in tasks]).astype(np.float32)
+                got = built[key] = (toks.astype(np.int32), rows, gates)
+            unit_rows[u] = got[0]
+            meta = [[t.expert, t.col_start, t.col_end, len(t.tokens)] for t in tasks]
             net.post(unit_peer(u), "moe", {"seq": seq, "layer": layer, "at_s": at, "meta": meta},
-                     [np.concatenate(rows), np.concatenate(gates).astype(np.float32)])
+                     [got[1], got[2]])
         # the GPU: its experts (cached transfer or fetch to wait for), units, evictions
         meta, rows, gates = [], [], []
         for t in gpu_tasks:
@@ -618,7 +635,7 @@ class PolicyRun:
                                          f"but it is neither cached nor fetched")
             meta.append([t.expert, t.col_start, t.col_end, len(tok), pid, int(fetched)])
             rows.append(tok.astype(np.int32))
-            gates.append(K.gate_weights_for(ids, weights, t.expert, tok))
+            gates.append(gates_of(t))
         units = sorted(per_unit)
         arrays = [np.concatenate(rows) if rows else np.zeros(0, np.int32),
                   np.concatenate(gates).astype(np.float32) if gates else np.zeros(0, np.float32),
@@ -791,9 +808,9 @@ class SchedulerCore:
             run.stats.wall_s = wall_now() - w0
             got = self._all({"kind": "report"}, "run reports")
             for p, m in got.items():
-                run.stats.reports[p.decode()] = m.fields["report"]
-            run.stats.reports["link"] = self.net.call(LINK_PEER, {"kind": "report"},
-                                                      what="link report").fields["report"]
+                run.stats.reports[p.decode()] = wire.from_json_array(m.arrays[0])
+            run.stats.reports["link"] = wire.from_json_array(self.net.call(
+                LINK_PEER, {"kind": "report"}, what="link report").arrays[0])
         finally:
             run.stats.wall_s = run.stats.wall_s or wall_now() - w0
             self._last = (None, run.stats, run.where)

@@ -395,3 +395,21 @@ def _type_name(typ: FieldType) -> str:
 def _short(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def json_array(obj: Any) -> np.ndarray:
+    """A JSON document as a uint8 array frame: bulky plain data (a run's report) travels as
+    an array, never in the size-capped header, and never pickled."""
+    import json
+
+    return np.frombuffer(json.dumps(obj, allow_nan=False).encode(), dtype=np.uint8)
+
+
+def from_json_array(a: np.ndarray) -> Any:
+    import json
+
+    try:
+        return json.loads(np.asarray(a, dtype=np.uint8).tobytes().decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"a JSON frame that does not parse: {exc}") from exc
+

@@ -128,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="search the generator's alpha, reuse, drift and drift_jump to match")
     rs.add_argument("--drift-share", type=float, default=None,
                     help="--fit: workload.drift_share to fit with (default 1.0)")
+    rs.add_argument("--popularity", default=None, choices=["zipf", "lognormal", "exponential"],
+                    help="--fit: the popularity shape to fit (default: each, keep the best)")
     rs.add_argument("--png", default=None,
                     help="--fit: where to write the coverage curves (default: TRACE-fit.png in "
                     "the current directory)")
@@ -145,7 +147,7 @@ def _emulate_defaults(overrides: list[str]) -> list[str]:
     if "workload.prompt_tokens" not in keys:
         out.append("workload.prompt_tokens=16")
     if "workload.output_tokens" not in keys:
-        out.append("workload.output_tokens=8")
+        out.append("workload.output_tokens=6")
     return out + overrides
 
 
@@ -306,6 +308,12 @@ def _check_grid_lists(path: str, pols, base) -> None:
                               "list of strings")
 
 
+def _pct_or_dash(v: float) -> str:
+    import math
+
+    return f"{v:.1%}" if math.isfinite(v) else "-"
+
+
 def cmd_routing_stats(args: argparse.Namespace, console) -> int:
     """Statistics of a trace; with ``--fit`` beside those of the fitted generator."""
     from pathlib import Path
@@ -331,7 +339,7 @@ def cmd_routing_stats(args: argparse.Namespace, console) -> int:
     fitted = None
     if args.fit:
         with console.status("fitting the generator ..."):
-            fitted = rst.fit(st, drift_share=share)
+            fitted = rst.fit(st, drift_share=share, popularity=args.popularity)
     t = Table(title="per layer, averaged over layers and sequences", title_justify="left")
     t.add_column("statistic")
     t.add_column("trace", justify="right")
@@ -339,9 +347,9 @@ def cmd_routing_stats(args: argparse.Namespace, console) -> int:
         t.add_column("fitted generator", justify="right")
     for name in rst.STATS:
         label = rst.LABELS[name] + (f" (uniform {st.uniform_reuse:.1%})" if name == "reuse" else "")
-        row = [label, f"{st.values[name]:.1%}"]
+        row = [label, _pct_or_dash(st.values[name])]
         if fitted:
-            row.append(f"{fitted.stats.values[name]:.1%}")
+            row.append(_pct_or_dash(fitted.stats.values[name]))
         t.add_row(*row)
     console.print(t)
     if fitted:

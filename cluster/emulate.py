@@ -18,9 +18,10 @@ D is the smallest value meeting both conditions:
 - compute: ``DILATION_MARGIN`` x the ``DILATION_QUANTILE`` quantile of those ratios, so that the
   real work of almost every slot fits in it;
 - hop floor: the real control path of one MoE step (router event to the scheduler, the plan,
-  commands to the devices: two one-way hops, measured by ping, plus the policy's decision
-  time, 90th percentiles) minus what the modelled hops absorb (D x 2 x link latency), over D,
-  is at most half the fidelity target times the median modelled MoE step.
+  commands to the devices), measured in the calibration runs themselves as how late the GPU
+  had each step's command (median, over steps and then over policies), minus what the modelled
+  hops absorb (D x 2 x link latency), over D, is at most half the fidelity target times the
+  median modelled MoE step.
 
 Faults: a dead or silent device fails the run naming it and the step; the policies that
 finished keep their summaries, the failing one is marked ``"status": "failed"`` and
@@ -159,8 +160,15 @@ def records_from_run(cfg: Config, name: str, stats: Any, meta: dict[str, Any],
     for res, r in [("gpu", gpu), *((f"ndp{u}", units[u]) for u in range(N))]:
         for kind, label, a, b in r.get("log", []):
             rec.intervals.append(Interval(res, kind, emu(a), emu(b), label))
-    for kind, label, a, b in link.get("intervals", []):
-        rec.intervals.append(Interval("link", kind, emu(a), emu(b), label))
+    # the link's segments within the traced steps (background prefetches included)
+    L = cfg.model.num_layers
+    seqs = [str(q) for q in range(trace_steps.start * L, trace_steps.stop * L)]
+    spans = [gpu["step_times"][q] for q in seqs if q in gpu["step_times"]]
+    if spans:
+        w0, w1 = min(a for a, _ in spans), max(b for _, b in spans)
+        for kind, label, a, b, _seq in link.get("intervals", []):
+            if b > w0 and a < w1:
+                rec.intervals.append(Interval("link", kind, emu(a), emu(b), label))
     return rec
 
 
@@ -229,6 +237,10 @@ def _emulated_summary(rec: PolicyRecords, stats, cfg: Config, analytic: PolicyRe
         "overruns": sum(overruns.values()),
         "device_overruns": overruns,
         "device_slots": {d: int(rep[d]["slots"]) for d in devices if d in rep},
+        "device_overruns_by_kind": {d: {k: {"count": int(v[0]), "lag_s": v[1] / dilation,
+                                            "late_start_s": v[2] / dilation}
+                                        for k, v in rep[d].get("overrun_by_kind", {}).items()}
+                                    for d in devices if d in rep},
         "overrun_lag_max_s": max((rep[d]["overrun_max_s"] / dilation for d in devices if d in rep),
                                  default=0.0),
         "emulated_link_bytes": dict(link.get("bytes", {})),
@@ -298,6 +310,7 @@ def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path
         one_way = [r / 2 for r in launch.get(cluster.scheduler.hop_samples.remote())]
         hop_s = float(np.quantile(one_way, 0.9)) if one_way else 0.0
         ratios: list[float] = []
+        paths: list[float] = []
         decisions: list[float] = []
         steps_modelled: list[float] = []
         for n in names:
@@ -307,16 +320,21 @@ def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path
             for d, r in st.reports.items():
                 if d != "link":
                     ratios += r["ratios"]
+            # the real control path of a MoE step, under this run's own load: how late the
+            # GPU had its step's command (at D = 1 the modelled hops absorb nothing)
+            late = st.reports["gpu"].get("arrival_late", {}).get("cmd:moe")
+            if late:
+                paths.append(late[0])
             decisions += st.decisions_s
             ana = run_policy(cfg, routing, n)
             steps_modelled += [x.makespan_s for x in ana.steps if x.phase == "decode"]
         lat = CostModel(cfg).link_latency_s
-        path_s = 2 * hop_s + (float(np.quantile(decisions, 0.9)) if decisions else 0.0)
+        path_s = float(np.median(paths)) if paths else 2 * hop_s
         step_s = float(np.median(steps_modelled)) if steps_modelled else 0.0
         auto = choose_dilation(ratios, path_s, lat, step_s, cfg.emulate.target_fidelity)
         dilation = cfg.emulate.dilation if cfg.emulate.dilation > 0 else auto["dilation"]
         floor = {"hop_one_way_us_p90": 1e6 * hop_s,
-                 "decision_us_p90": 1e6 * (path_s - 2 * hop_s),
+                 "decision_us_p90": 1e6 * float(np.quantile(decisions, 0.9)) if decisions else 0.0,
                  "control_path_wall_us": 1e6 * path_s,
                  "control_path_emulated_us": 1e6 * path_s / dilation,
                  "modelled_control_hops_us": 1e6 * 2 * lat,

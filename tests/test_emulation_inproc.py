@@ -188,6 +188,23 @@ def test_a_prefetch_still_in_flight_makes_the_gpu_wait_and_the_trace_shows_it() 
     assert waits and all(iv.end_s > iv.start_s for iv in waits)
     fetches = [iv for iv in rec.intervals if iv.resource == "link" and iv.kind == "fetch"]
     assert fetches  # the upgraded transfer is on the link track as a fetch
+    assert _preempted(link["intervals"]) > 0
+
+
+def _preempted(intervals: list) -> int:
+    """Prefetch transfers the link track shows cut by step traffic: a prefetch segment that
+    ends where an activation or partial starts, and the same transfer resumes later."""
+    segs = sorted(intervals, key=lambda x: x[2])
+    n = 0
+    for i, (kind, label, _a, b, _seq) in enumerate(segs):
+        if kind != "prefetch" or i + 1 >= len(segs):
+            continue
+        nxt = segs[i + 1]
+        if nxt[0] in ("activation", "partial") and abs(nxt[2] - b) < 1e-9 and any(
+                k == "prefetch" and lab == label and a2 >= nxt[3] - 1e-9
+                for k, lab, a2, _b2, _s in segs[i + 2:]):
+            n += 1
+    return n
 
 
 def test_a_device_that_never_answers_fails_the_run_naming_it_within_the_deadline() -> None:
