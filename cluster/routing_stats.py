@@ -11,9 +11,12 @@ averaged (the statistics measured on real Qwen1.5-MoE and Qwen3.6 captures,
 - ``coverage``: fraction of the experts the decode uses at least once;
 - ``reuse``: share of a decode token's experts that the previous token also chose at that
   layer (independent uniform routing gives ``k / E``);
-- ``halves25`` (not in the issue's table; the fit uses it to tell a drift's speed from its
-  size): share of the second half of the decode window's activations on the first half's
-  25% most used experts.
+- not in the issue's table, used by the fit to tell a walk (``drift``) from a jump at the
+  decode (``drift_jump``): ``halves25``, share of the second half of the decode window's
+  activations on the first half's 25% most used experts; ``late25``, share of the second
+  half on the prefill's top 25% (a walk keeps departing, a jump does not);
+  ``prefill_halves25``, the same between the two halves of the prefill (a walk moves inside
+  the prompt too). A prefill of one token gives NaN there, left out of the fit.
 
 The decode is the first ``window`` (128) positions after the prompt. :func:`fit` searches the
 generator's ``alpha``, ``reuse``, ``drift`` and ``drift_jump`` (:mod:`cluster.routing`) so
@@ -26,6 +29,7 @@ prompt's hot experts tell about another's), not in one sequence's statistics.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +38,7 @@ import numpy as np
 from cluster.errors import RoutingError
 
 STATS = ("prefill_top10", "prefill_top25", "prefill_top50", "decode_top10", "coverage", "reuse",
-         "halves25")
+         "halves25", "late25", "prefill_halves25")
 LABELS = {
     "prefill_top10": "decode share on the prefill's top-10% experts",
     "prefill_top25": "decode share on the prefill's top-25% experts",
@@ -43,6 +47,8 @@ LABELS = {
     "coverage": "decode: fraction of experts used at least once",
     "reuse": "same-layer reuse (expert of token t also at t-1)",
     "halves25": "decode 2nd half on the 1st half's top-25% (fit only)",
+    "late25": "decode 2nd half on the prefill's top-25% (fit only)",
+    "prefill_halves25": "prefill 2nd half on its 1st half's top-25% (fit only)",
 }
 WINDOW = 128
 PARAMS = ("alpha", "reuse", "drift", "drift_jump")
@@ -119,11 +125,17 @@ def measure(ids: np.ndarray, prompt_tokens: int, num_experts: int,
     same = (dec[:, 1:, :, :, None] == dec[:, :-1, :, None, :]).any(-1).sum(-1)  # [B, W-1, L]
     per["reuse"] = same.mean(1) / k
     h = W // 2
-    per["halves25"] = top_share(_counts(dec[:, :h], E), _counts(dec[:, h:], E), 0.25)
-    per_layer = {n: np.nanmean(v, axis=0) for n, v in per.items()}
-    values = {n: float(np.nanmean(v)) for n, v in per_layer.items()}
-    xs = np.linspace(0, 1, 101)
-    curve = np.stack([np.nanmean(top_share(cp, cd, x), axis=0) for x in xs], axis=1)  # [L, 101]
+    late = _counts(dec[:, h:], E)
+    per["halves25"] = top_share(_counts(dec[:, :h], E), late, 0.25)
+    per["late25"] = top_share(cp, late, 0.25)
+    hp = max(1, P // 2)
+    per["prefill_halves25"] = top_share(_counts(ids[:, :hp], E), _counts(ids[:, hp:P], E), 0.25)
+    with warnings.catch_warnings():  # a statistic without data (a 1-token prefill) is NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_layer = {n: np.nanmean(v, axis=0) for n, v in per.items()}
+        values = {n: float(np.nanmean(v)) for n, v in per_layer.items()}
+        xs = np.linspace(0, 1, 101)
+        curve = np.stack([np.nanmean(top_share(cp, cd, x), axis=0) for x in xs], axis=1)  # [L, 101]
     first = np.full((B, L, E), W, dtype=np.int64)
     pos = np.broadcast_to(np.arange(W)[None, :, None, None], dec.shape)
     bl = (np.arange(B)[:, None, None, None] * L + np.arange(L)[None, None, :, None])
@@ -239,7 +251,10 @@ class Fit:
 
 
 def loss(target: dict[str, float], got: dict[str, float], names=STATS) -> float:
-    return float(np.sqrt(np.mean([(target[n] - got[n]) ** 2 for n in names])))
+    """Root mean square difference over ``names`` that both sides have (NaN: left out)."""
+    d = [(target[n] - got[n]) ** 2 for n in names if n in target and n in got
+         and np.isfinite(target[n]) and np.isfinite(got[n])]
+    return float(np.sqrt(np.mean(d))) if d else float("nan")
 
 
 def nelder_mead(f, x0: np.ndarray, step: np.ndarray, iters: int = 60, tol: float = 1e-4
