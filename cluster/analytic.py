@@ -16,12 +16,11 @@ flight upgrades it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-
-import numpy as np
 
 import policies
 from cluster.cost import CostModel
@@ -174,8 +173,10 @@ class Episode:
     """
 
     def __init__(self, cfg: Config, routing: Routing, name: str,
-                 executor: Executor | None = None, trace_steps: range = range(1, 3)) -> None:
+                 executor: Executor | None = None, trace_steps: range = range(1, 3),
+                 lower_bounds: bool = True) -> None:
         self.cfg, self.routing, self.name = cfg, routing, name
+        self.lower_bounds = lower_bounds  # False: StepRecord.lower_bound_s stays 0 (not needed)
         choice = policies.resolve(name)
         sched_cls = policies.get("scheduler", choice.scheduler)
         cost_cfg = policy_cost_config(cfg, sched_cls, policies.get("prefetcher", choice.prefetcher))
@@ -250,7 +251,8 @@ class Episode:
         cfg, cost, bg, pf, rec = self.cfg, self.cost, self.bg, self.pf, self.rec
         N = cfg.ndp.num_ndp_units
         t = self.t
-        resident = frozenset(e for e in pf.cache.layer(layer) if bg.arrived.get((layer, e), np.inf) <= t)
+        arrived = bg.arrived
+        resident = frozenset(e for e in pf.cache.layer(layer) if arrived.get((layer, e), math.inf) <= t)
         inp = policies.StepInput(layer, phase, routed, resident)
         t0 = time.perf_counter()
         plan = self.sched.plan(inp)
@@ -292,7 +294,7 @@ class Episode:
             sum(1 for e in routed if e in resident), len(plan.fetches), gpu_tasks,
             timing.gpu_busy_s, timing.unit_busy_s, timing.link_bytes["activation"],
             timing.link_bytes["partial"], timing.link_bytes["fetch"],
-            policies.lower_bound_s(plan, cost, N)))
+            policies.lower_bound_s(plan, cost, N) if self.lower_bounds else 0.0))
         self.t = end
         self.sched.observe(inp)
         if phase == "decode":
@@ -302,13 +304,15 @@ class Episode:
 
 def run_policy(cfg: Config, routing: Routing, name: str,
                progress: Callable[[int], None] | None = None,
-               trace_steps: range = range(1, 3)) -> PolicyRecords:
+               trace_steps: range = range(1, 3), lower_bounds: bool = True) -> PolicyRecords:
     """Runs one policy (a name ``policies.resolve`` accepts) through the whole workload.
 
     Steps whose index is in ``trace_steps`` (0 = prefill, 1.. = decode) keep busy intervals
-    of every resource for the Chrome trace.
+    of every resource for the Chrome trace. ``lower_bounds=False`` skips the per-step lower
+    bound (``steps.csv``'s column; no summary uses it), for sweeps that keep only summaries.
     """
-    return Episode(cfg, routing, name, trace_steps=trace_steps).run(progress)
+    return Episode(cfg, routing, name, trace_steps=trace_steps,
+                   lower_bounds=lower_bounds).run(progress)
 
 
 def _drop_evicted(bg: BackgroundLink, pf: Prefetcher) -> None:

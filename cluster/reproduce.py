@@ -351,7 +351,7 @@ def run_job(job: Job) -> dict[str, dict[str, Any]]:
         if twin != name:
             out[name] = copy.deepcopy(out[twin])
             continue
-        rec = run_policy(job.cfg, routing, name, trace_steps=range(0))
+        rec = run_policy(job.cfg, routing, name, trace_steps=range(0), lower_bounds=False)
         s = summarize(rec, job.cfg.ndp.num_ndp_units)
         s["cache_capacity_experts"] = job.cfg.cache_capacity_experts
         s["cache_bytes"] = job.cfg.cache_bytes

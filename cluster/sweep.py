@@ -113,7 +113,8 @@ def run_config(system: str | None, model: str | None, base: list[str], point: di
     except ConfigError as exc:
         return [{**point, "policy": n, "error": str(exc)} for n in names]
     routing = build_routing(cfg)
-    summaries = {n: summarize(run_policy(cfg, routing, n), cfg.ndp.num_ndp_units) for n in names}
+    summaries = {n: summarize(run_policy(cfg, routing, n, trace_steps=range(0), lower_bounds=False),
+                              cfg.ndp.num_ndp_units) for n in names}
     add_speedups(summaries)
     dt = (time.perf_counter() - t0) / max(1, len(names))
     return [{**point, "policy": n, "error": "", "point_s": dt,
