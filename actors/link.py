@@ -27,6 +27,7 @@ other hosts correct by their measured offset).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import heapq
 import itertools
@@ -77,9 +78,13 @@ class LinkSchedule:
     """Preemptive-priority single server over wall time, re-planned from stamps.
 
     ``base_s`` is the time up to which service is committed: every transfer's ``remaining_s``
-    is owed from then on. :meth:`plan` simulates the queue from ``base_s`` and gives each
-    pending transfer its completion time; :meth:`commit` moves ``base_s`` forward along that
-    plan (recording the served segments); :meth:`pop_due` hands over the next completion.
+    is owed from then on. Transfers that have arrived by ``base_s`` wait in a heap by priority
+    (lazily cleaned: a cancelled or re-keyed entry is skipped when it surfaces); later ones in
+    a list by arrival. The next completion involves only the heap's top and the later
+    arrivals that may preempt it -- every other waiting transfer has a lower priority than the
+    top and cannot run before it is done -- so a backlog of a thousand prefetches costs each
+    event O(log n), not O(n). :meth:`commit` moves ``base_s`` forward (never past the next
+    completion), :meth:`pop_due` hands over the next completion.
     """
 
     def __init__(self, base_s: float = 0.0) -> None:
@@ -88,7 +93,36 @@ class LinkSchedule:
         self.late_arrivals = 0
         self.late_total_s = 0.0
         self._recv = itertools.count()
+        self._heap: list[tuple[tuple, int]] = []  # (key, xid) of arrived transfers
+        self._future: list[tuple[float, tuple, int]] = []  # (arrive, key, xid), sorted
         self._plan: tuple[float, int] | None = None  # the next completion, cached
+
+    # --- filing -----------------------------------------------------------------------------
+    def _file(self, t: Transfer) -> None:
+        if t.arrive_s <= self.base_s:
+            heapq.heappush(self._heap, (t.key(), t.xid))
+        else:
+            bisect.insort(self._future, (t.arrive_s, t.key(), t.xid))
+        self._plan = None
+
+    def _top(self) -> Transfer | None:
+        """The arrived transfer first in priority (stale heap entries dropped on the way)."""
+        h = self._heap
+        while h:
+            key, xid = h[0]
+            t = self.pending.get(xid)
+            if t is not None and t.key() == key and t.arrive_s <= self.base_s:
+                return t
+            heapq.heappop(h)
+        return None
+
+    def _futures(self) -> list[Transfer]:
+        out = []
+        for arrive, key, xid in self._future:
+            t = self.pending.get(xid)
+            if t is not None and t.key() == key and t.arrive_s == arrive:
+                out.append(t)
+        return out
 
     # --- changes --------------------------------------------------------------------------
     def add(self, t: Transfer) -> None:
@@ -98,7 +132,7 @@ class LinkSchedule:
             self.late_total_s += self.base_s - t.arrive_s
             t.arrive_s = self.base_s
         self.pending[t.xid] = t
-        self._plan = None
+        self._file(t)
 
     def cancel(self, xid: int, at_s: float) -> Transfer | None:
         """Drops a transfer from ``at_s`` on (its service so far is wasted)."""
@@ -106,7 +140,7 @@ class LinkSchedule:
             return None
         self.commit(max(at_s, self.base_s))
         self._plan = None
-        return self.pending.pop(xid)
+        return self.pending.pop(xid)  # its heap or list entry is stale from now on
 
     def upgrade(self, xid: int, cls: int, at_s: float, order: int = -1) -> bool:
         """Moves a queued transfer into class ``cls`` from ``at_s`` on, keeping what it has
@@ -114,107 +148,96 @@ class LinkSchedule:
         t = self.pending.get(xid)
         if t is None or t.cls < cls:
             return False
-        at = max(at_s, self.base_s)
-        self.commit(at)
+        self.commit(max(at_s, self.base_s))
         t.cls = cls
         t.upgraded = True  # type: ignore[attr-defined]
-        t.arrive_s = max(t.arrive_s, at)
+        t.arrive_s = max(t.arrive_s, self.base_s if at_s <= self.base_s else at_s)
         t.order = order  # its place among this step's fetches (the plan's order)
-        self._plan = None
+        self._file(t)
         return True
 
     # --- planning ---------------------------------------------------------------------------
-    def _run(self, until: float | None) -> tuple[float, int] | None:
-        """Serves the pending transfers from ``base_s`` in priority order.
+    def _sim(self, until: float | None) -> tuple[float, int] | None:
+        """Serves from ``base_s``: the heap's top and the later arrivals, by priority.
 
-        Without ``until``: returns ``(time, xid)`` of the first completion (or None), changing
-        nothing. With ``until`` (no later than that completion): serves up to it for real,
-        recording each transfer's served segment and what it still owes.
-        Cost: a heap over the pending transfers plus one event per later arrival that comes
-        before the completion, so a long prefetch backlog does not make each event O(n^2).
+        Without ``until``: the first completion ``(time, xid)``, changing nothing. With
+        ``until`` (no later than that completion): serves up to it for real, recording the
+        served segments and what each transfer still owes.
         """
         t = self.base_s
-        items = self.pending.values()
-        heap = [(tr.key(), tr.xid) for tr in items if tr.arrive_s <= t]
-        heapq.heapify(heap)
-        future = sorted((tr.arrive_s, tr.key(), tr.xid) for tr in items if tr.arrive_s > t)
-        fi = 0
+        top = self._top()
+        future = self._futures()
+        active: list[tuple[tuple, int]] = [] if top is None else [(top.key(), top.xid)]
         rem: dict[int, float] = {}
+        fi = 0
         while True:
-            if not heap:
+            if not active:
                 if fi >= len(future):
-                    if until is None:
-                        return None
                     break
-                nxt = future[fi][0]
+                nxt = future[fi].arrive_s
                 if until is not None and nxt >= until:
                     break
                 t = nxt
-                while fi < len(future) and future[fi][0] <= t:
-                    heapq.heappush(heap, (future[fi][1], future[fi][2]))
+                while fi < len(future) and future[fi].arrive_s <= t:
+                    heapq.heappush(active, (future[fi].key(), future[fi].xid))
                     fi += 1
                 continue
-            xid = heap[0][1]
+            xid = active[0][1]
             r = rem.get(xid, self.pending[xid].remaining_s)
             if r < EPS_S:  # below what t + r can resolve: done
                 r = 0.0
-            nxt_arr = future[fi][0] if fi < len(future) else math.inf
+            nxt_arr = future[fi].arrive_s if fi < len(future) else math.inf
             finish = t + r
             if until is None and finish <= nxt_arr:
                 return finish, xid
             stop = min(finish, nxt_arr) if until is None else min(finish, nxt_arr, until)
             if until is not None and stop > t:
-                self.pending[xid].served.append((t, stop))
+                sv = self.pending[xid].served
+                if sv and sv[-1][1] == t:  # a commit boundary, not a preemption: one segment
+                    sv[-1] = (sv[-1][0], stop)
+                else:
+                    sv.append((t, stop))
             rem[xid] = r - (stop - t) if finish > stop else 0.0
             t = stop
             if until is not None and t >= until:
                 break
-            if rem[xid] <= 0:  # complete before ``until``: delivered by the next pop
-                heapq.heappop(heap)
-            while fi < len(future) and future[fi][0] <= t:
-                heapq.heappush(heap, (future[fi][1], future[fi][2]))
+            if rem[xid] <= 0:
+                heapq.heappop(active)
+            while fi < len(future) and future[fi].arrive_s <= t:
+                heapq.heappush(active, (future[fi].key(), future[fi].xid))
                 fi += 1
+        if until is None:
+            return None
         for xid, r in rem.items():
             self.pending[xid].remaining_s = max(0.0, r)
-        self.base_s = max(self.base_s, until)  # type: ignore[type-var]
+        self.base_s = max(self.base_s, until)
+        # arrivals now in the past join the heap
+        while self._future and self._future[0][0] <= self.base_s:
+            arrive, key, xid = self._future.pop(0)
+            tr = self.pending.get(xid)
+            if tr is not None and tr.key() == key and tr.arrive_s == arrive:
+                heapq.heappush(self._heap, (key, xid))
         return None
 
     def next_due(self) -> tuple[float, int] | None:
         """(completion wall time, transfer id) of the transfer that completes first."""
         if self._plan is None:
-            self._plan = self._run(None) or (math.inf, -1)
+            self._plan = self._sim(None) or (math.inf, -1)
         return None if self._plan[1] < 0 else self._plan
-
-    def plan(self) -> list[tuple[float, int]]:
-        """Every pending transfer's completion if nothing else arrives (for tests)."""
-        saved = {x: (t, t.remaining_s, list(t.served)) for x, t in self.pending.items()}
-        base, out = self.base_s, []
-        try:
-            while self.pending:
-                nd = self.next_due()
-                if nd is None:
-                    break
-                out.append(nd)
-                self.commit(nd[0])
-                tr = self.pending.pop(nd[1])
-                tr.remaining_s = 0.0
-                self._plan = None
-        finally:
-            for x, (tr, r, sv) in saved.items():
-                tr.remaining_s, tr.served = r, sv
-                self.pending[x] = tr
-            self.base_s, self._plan = base, None
-        return out
 
     def next_due_s(self) -> float:
         nd = self.next_due()
         return nd[0] if nd else math.inf
 
     def commit(self, until_s: float) -> None:
-        """Serves the queue up to ``until_s`` (not past the next completion)."""
+        """Serves the queue up to ``until_s``, or up to the next completion if that is sooner
+        (a change stamped later than a completion not yet delivered applies at it)."""
+        nd = self.next_due()
+        if nd is not None:
+            until_s = min(until_s, nd[0])
         if until_s <= self.base_s:
             return
-        self._run(until_s)
+        self._sim(until_s)
         self._plan = None
 
     def pop_due(self, now_s: float) -> Transfer | None:
@@ -227,11 +250,26 @@ class LinkSchedule:
         self.commit(done_s)
         t = self.pending.pop(xid)
         if t.remaining_s > 1e-12:  # the commit ended exactly at its completion
-            t.served.append((done_s - t.remaining_s, done_s))
+            a = done_s - t.remaining_s
+            if t.served and t.served[-1][1] == a:
+                t.served[-1] = (t.served[-1][0], done_s)
+            else:
+                t.served.append((a, done_s))
         t.remaining_s = 0.0
         self._plan = None
         t.done_s = done_s  # type: ignore[attr-defined]
         return t
+
+    def plan(self) -> list[tuple[float, int]]:
+        """Every pending transfer's completion if nothing else arrives (for tests; it
+        replays :meth:`pop_due` on a copy)."""
+        import copy
+
+        twin = copy.deepcopy(self)
+        out = []
+        while (t := twin.pop_due(math.inf)) is not None:
+            out.append((t.done_s, t.xid))  # type: ignore[attr-defined]
+        return out
 
 
 @dataclass
