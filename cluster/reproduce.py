@@ -12,7 +12,10 @@ Studies (PAPER.md, issue 4), each a list of *cases* ``(row labels, config, polic
    routing distribution, and the neighbour policies that are registered;
 5. ``sensitivity``: paper-over-monde speedup of the focus model under changed assumptions;
 6. ``beyond``: ``paper`` against its extensions (fractional split, ``paper-refresh``) when
-   they exist.
+   they exist;
+7. ``routing_headline`` and ``odmoe_link`` (:mod:`cluster.reproduce_routing`): the headline
+   on real-like routing beside the stationary one, ``paper-drift`` against ``paper`` and the
+   oracle, and the link bandwidth at which ``od-moe`` pays.
 
 Cases are grouped by their resolved :class:`~cluster.spec.Config` (equal configs run once:
 the ablation reuses the headline, the budget sweep's 1.0 the default) into *jobs* of one
@@ -37,7 +40,7 @@ from typing import Any
 import numpy as np
 
 import policies
-from cluster import presets
+from cluster import presets, reproduce_routing
 from cluster.config import load_config
 from cluster.errors import NdpmoeError
 from cluster.spec import LB_SPLITS, Config
@@ -313,7 +316,8 @@ def all_cases(opts: Options) -> list[Case]:
     load = _Configs(opts)
     cases = [*headline_cases(opts, load), *ablation_cases(opts, load), *budget_cases(opts, load),
              *prefetcher_cases(opts, load),
-             *sensitivity_cases(opts, load), *beyond_cases(opts, load)]
+             *sensitivity_cases(opts, load), *beyond_cases(opts, load),
+             *(Case(*spec) for spec in reproduce_routing.case_specs(opts, load))]
     for name in {c.policy for c in cases}:
         policies.resolve(name)
     return cases
@@ -611,9 +615,10 @@ def reproduce(opts: Options, out: str | Path | None = None, console=None, progre
     tabs = tables(cases, results)
     tabs["ablation"] = ablation_rows(tabs["headline"], tabs.pop("ablation_extra", []),
                                      opts.focus_units, opts.models)
+    reproduce_routing.derive(tabs)
     o = Outcome(run_dir, tabs, headline_stats(tabs["headline"]), compute_s=compute_s,
                 jobs=len(jobs), runs=sum(len(j.policies) for j in jobs))
-    for name, cols in CSV_COLUMNS.items():
+    for name, cols in {**CSV_COLUMNS, **reproduce_routing.CSV_COLUMNS}.items():
         if tabs.get(name):
             o.csvs.append(write_csv(run_dir / f"{name}.csv", tabs[name], cols))
     o.figures = rr.write_figures(o, opts)

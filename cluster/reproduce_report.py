@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import policies
-from cluster import presets
+from cluster import presets, reproduce_routing
 from cluster import reproduce as R
 from cluster.spec import Config, ModelSpec
 
@@ -252,6 +252,7 @@ def write_figures(o: Outcome, opts: Options) -> list[Path]:
     ]
     if t.get("beyond"):
         figs.append(plot_beyond(d / "beyond_paper.png", t["beyond"], opts.models))
+    figs += reproduce_routing.figures(d, t, opts.models)
     return figs
 
 
@@ -726,6 +727,7 @@ def write_report(o: Outcome, opts: Options, command: str) -> Path:
     lines += _prefetchers_section(o, opts, cfg)
     lines += _sensitivity_section(o)
     lines += _beyond_section(o, opts)
+    lines += reproduce_routing.section(o.tables, cfg)
     lines += _spot_section(o)
     lines += ["## Assumptions", "", *[f"- {a}" for a in assumptions(cfg)], ""]
     path = o.run_dir / "report.md"
