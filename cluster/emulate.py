@@ -172,6 +172,45 @@ def records_from_run(cfg: Config, name: str, stats: Any, meta: dict[str, Any],
     return rec
 
 
+def calibrate(cluster: Any, cfg: Config, routing: Routing, names: list[str]) -> dict[str, Any]:
+    """Clock offsets, the hop floor and the compute ratio, from short runs at D = 1 (see the
+    module docstring); returns the dilation bounds, the floor and the ratios."""
+    from cluster import launch
+
+    residual = launch.get(cluster.scheduler.sync_clocks.remote())
+    one_way = [r / 2 for r in launch.get(cluster.scheduler.hop_samples.remote())]
+    hop_s = float(np.quantile(one_way, 0.9)) if one_way else 0.0
+    ratios: list[float] = []
+    paths: list[float] = []
+    decisions: list[float] = []
+    steps_modelled: list[float] = []
+    for n in names:
+        st, _meta = launch.get(cluster.scheduler.run_policy.remote(
+            n, 1.0, True, CALIBRATION_DECODE_STEPS))
+        for d, r in st.reports.items():
+            if d != "link":
+                ratios += r["ratios"]
+        # the real control path of a MoE step, under this run's own load: how late the
+        # GPU had its step's command (at D = 1 the modelled hops absorb nothing)
+        late = st.reports["gpu"].get("arrival_late", {}).get("cmd:moe")
+        if late:
+            paths.append(late[0])
+        decisions += st.decisions_s
+        ana = run_policy(cfg, routing, n)
+        steps_modelled += [x.makespan_s for x in ana.steps if x.phase == "decode"]
+    lat = CostModel(cfg).link_latency_s
+    path_s = float(np.median(paths)) if paths else 2 * hop_s
+    step_s = float(np.median(steps_modelled)) if steps_modelled else 0.0
+    bounds = choose_dilation(ratios, path_s, lat, step_s, cfg.emulate.target_fidelity)
+    floor = {"hop_one_way_us_p90": 1e6 * hop_s,
+             "decision_us_p90": 1e6 * float(np.quantile(decisions, 0.9)) if decisions else 0.0,
+             "control_path_wall_us": 1e6 * path_s,
+             "modelled_control_hops_us": 1e6 * 2 * lat,
+             "median_decode_moe_step_us": 1e6 * step_s,
+             "clock_offset_residual_us": {k: 1e6 * v for k, v in residual.items()}}
+    return {"bounds": bounds, "floor": floor, "ratios": ratios}
+
+
 class PartialRunError(EmulationError):
     """A run that stopped early, with what it produced: ``summaries`` (the failed policy marked
     ``"status": "failed"``), ``records`` and ``extra`` for ``summary.json``."""
@@ -306,41 +345,14 @@ def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path
         say(f"cluster up in {cluster.startup_s:.2f} s: 1 GPU + {cfg.ndp.num_ndp_units} NDP actors, "
             f"weights at scale {scale:.4g} ({sum(held.values()) / 1e6:.0f} MB on the units), "
             f"zmq round trip {1e6 * float(np.median(list(cluster.rtt_s.values()))):.0f} us")
-        residual = launch.get(cluster.scheduler.sync_clocks.remote())
-        one_way = [r / 2 for r in launch.get(cluster.scheduler.hop_samples.remote())]
-        hop_s = float(np.quantile(one_way, 0.9)) if one_way else 0.0
-        ratios: list[float] = []
-        paths: list[float] = []
-        decisions: list[float] = []
-        steps_modelled: list[float] = []
-        for n in names:
-            current = f"{n} (calibration)"
-            st, _meta = launch.get(cluster.scheduler.run_policy.remote(
-                n, 1.0, True, CALIBRATION_DECODE_STEPS))
-            for d, r in st.reports.items():
-                if d != "link":
-                    ratios += r["ratios"]
-            # the real control path of a MoE step, under this run's own load: how late the
-            # GPU had its step's command (at D = 1 the modelled hops absorb nothing)
-            late = st.reports["gpu"].get("arrival_late", {}).get("cmd:moe")
-            if late:
-                paths.append(late[0])
-            decisions += st.decisions_s
-            ana = run_policy(cfg, routing, n)
-            steps_modelled += [x.makespan_s for x in ana.steps if x.phase == "decode"]
-        lat = CostModel(cfg).link_latency_s
-        path_s = float(np.median(paths)) if paths else 2 * hop_s
-        step_s = float(np.median(steps_modelled)) if steps_modelled else 0.0
-        auto = choose_dilation(ratios, path_s, lat, step_s, cfg.emulate.target_fidelity)
+        current = "(calibration)"
+        cal = calibrate(cluster, cfg, routing, names)
+        auto, floor, ratios = cal["bounds"], cal["floor"], cal["ratios"]
         dilation = cfg.emulate.dilation if cfg.emulate.dilation > 0 else auto["dilation"]
-        floor = {"hop_one_way_us_p90": 1e6 * hop_s,
-                 "decision_us_p90": 1e6 * float(np.quantile(decisions, 0.9)) if decisions else 0.0,
-                 "control_path_wall_us": 1e6 * path_s,
-                 "control_path_emulated_us": 1e6 * path_s / dilation,
-                 "modelled_control_hops_us": 1e6 * 2 * lat,
-                 "unabsorbed_emulated_us": 1e6 * max(0.0, path_s - dilation * 2 * lat) / dilation,
-                 "median_decode_moe_step_us": 1e6 * step_s,
-                 "clock_offset_residual_us": {k: 1e6 * v for k, v in residual.items()}}
+        floor["control_path_emulated_us"] = floor["control_path_wall_us"] / dilation
+        floor["unabsorbed_emulated_us"] = max(
+            0.0, floor["control_path_wall_us"] - dilation * floor["modelled_control_hops_us"]) / dilation
+        path_s = floor["control_path_wall_us"] * 1e-6
         say(f"dilation D = {dilation:g} ({'set' if cfg.emulate.dilation > 0 else 'calibrated'}: "
             f"compute needs {auto['compute_bound']:.1f} (p{int(100 * DILATION_QUANTILE)} of "
             f"{len(ratios)} slots' real/modelled x {DILATION_MARGIN}), the hop floor "

@@ -238,7 +238,7 @@ def test_emulated_run_writes_the_whole_run_directory(emulated_run) -> None:
     assert any(e["ph"] == "X" for e in trace["traceEvents"])
 
 
-def test_an_explicit_dilation_skips_calibration(ray_local, tmp_path) -> None:
+def test_an_explicit_dilation_is_used_and_the_floor_still_measured(ray_local, tmp_path) -> None:
     from cluster import runner
 
     res = runner.run(_cfg("emulate.dilation=5"), ["tp"], engine="emulate", out=tmp_path,
