@@ -265,6 +265,7 @@ def _emulated_summary(rec: PolicyRecords, stats, cfg: Config, analytic: PolicyRe
     link = rep.get("link", {})
     s.update({
         "status": "ok",
+        "emulated_e2e_latency_s": s["e2e_latency_s"],  # the same number: e2e is measured
         "analytic_e2e_latency_s": a["e2e_latency_s"],
         "analytic_ttft_s": a["ttft_s"],
         "analytic_tpot_s": a["tpot_s"],

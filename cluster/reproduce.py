@@ -565,7 +565,7 @@ def spot_check(opts: Options, run_dir: Path, console=None) -> dict[str, Any]:
             "difference_pct": (emu - ana) / ana * 100, "target_pct": sc["target_pct"],
             "fidelity_error": {p: s[p]["fidelity_error"] for p in sc["policies"]},
             "dilation": s["paper"].get("dilation"),
-            "overruns": {p: f"{s[p].get('overruns', 0)}/{s[p].get('paced_segments', 0)}"
+            "overruns": {p: f"{s[p].get('overruns', 0)}/{sum((s[p].get('device_slots') or {}).values())}"
                          for p in sc["policies"]},
             "wall_s": time.perf_counter() - t0, "run_dir": str(res.run_dir)}
 

@@ -282,11 +282,13 @@ def summary_table(rows: list[dict[str, Any]], names: Sequence[str]):
 
 
 def emulate_points(rows: list[dict[str, Any]], grid: Grid, k: int, run_dir: Path,
-                   system: str | None, model: str | None, console=None) -> list[dict[str, Any]]:
+                   system: str | None, model: str | None, console=None,
+                   address: str | None = None) -> list[dict[str, Any]]:
     """Re-runs the ``k`` most imbalanced configurations (by their worst policy) emulated.
 
-    Each runs all of the grid's policies on the emulation engine (local Ray, auto dilation)
-    with its own run directory; returns per (configuration, policy) the fidelity error.
+    Each runs all of the grid's policies on the emulation engine (auto dilation) with its own
+    run directory, on the cluster at ``address`` when the sweep ran there (else a local Ray);
+    returns per (configuration, policy) the fidelity error.
     """
     from cluster.config import load_config
     from cluster.runner import run
@@ -303,11 +305,11 @@ def emulate_points(rows: list[dict[str, Any]], grid: Grid, k: int, run_dir: Path
         point = dict(key)
         cfg = load_config(system, model, None, [*grid.base, *_overrides(point)])
         res = run(cfg, grid.policies, "emulate", run_dir / f"emulated_{i}", console=console,
-                  progress=False, plots=False)
+                  progress=False, plots=False, address=address)
         for name, s in res.summaries.items():
             out.append({**point, "policy": name, "fidelity_error": s["fidelity_error"],
                         "dilation": s["dilation"], "overruns": s["overruns"],
-                        "emulated_e2e_latency_s": s["emulated_e2e_latency_s"],
+                        "emulated_e2e_latency_s": s["e2e_latency_s"],
                         "analytic_e2e_latency_s": s["analytic_e2e_latency_s"]})
     return out
 
@@ -324,7 +326,8 @@ def sweep_command(grid: Grid, run_dir: Path, console, system: str | None = None,
     axes = list(grid.axes)
     write_csv(run_dir / "sweep.csv", rows, axes)
     plots = write_heatmaps(run_dir, rows, axes, grid.policies)
-    emulated = emulate_points(rows, grid, emulate, run_dir, system, model, console) if emulate else []
+    emulated = (emulate_points(rows, grid, emulate, run_dir, system, model, console, address)
+                if emulate else [])
     doc = {"axes": grid.axes, "policies": grid.policies, "base": grid.base, **info,
            "emulated": emulated, "plots": [p.name for p in plots]}
     (run_dir / "summary.json").write_text(json.dumps(doc, indent=2, default=str))
