@@ -327,3 +327,27 @@ def test_a_reply_that_cannot_be_delivered_is_counted_not_fatal(lone_unit, reques
     assert server.rejected >= 1
     pong = _ask(me, wire.encode("ping", {"seq": 2}))
     assert (pong.type, pong.fields["seq"]) == ("pong", 2)
+
+
+def test_a_slow_unit_really_computes_slower_in_the_emulation() -> None:
+    """``slow:ndp1x3`` is in the devices' own cost model: ndp1 holds each shard three times as
+    long, which the measured busy times show (a ratio of holds: D x modelled each, whatever
+    the load, as long as the real work fits the slot)."""
+    cfg = _cfg("emulate.inject=slow:ndp1x3")
+    with inproc_system(cfg) as sys_:
+        st, meta = sys_.core.run_policy("tp", 50.0)
+    rec = records_from_run(cfg, "tp", st, meta)
+    busy = np.sum([s.unit_busy_s for s in rec.steps if s.phase == "decode"], axis=0)
+    assert busy[1] / busy[0] == pytest.approx(3.0, rel=0.1), busy
+    assert summarize(rec, 4)["max_over_mean"] > 1.5
+
+
+def test_charged_decision_time_holds_each_step_in_both_engines() -> None:
+    cfg = _cfg("emulate.charge_decision_time=true")
+    routing = build_routing(cfg)
+    off = run_policy(_cfg(), routing, "tp-lb").tokens[-1].time_s
+    on = run_policy(cfg, routing, "tp-lb").tokens[-1].time_s
+    assert on > off  # every step waited for its measured decision
+    with inproc_system(cfg) as sys_:
+        st, _meta = sys_.core.run_policy("tp-lb", 20.0)
+    assert len(st.decisions_s) == len(st.steps) and min(st.decisions_s) > 0
