@@ -45,7 +45,7 @@ from cluster.routing import build_routing
 BASE = ("model.num_layers=4", "workload.prompt_tokens=6", "workload.output_tokens=4",
         "weights.memory_budget_bytes=67108864")
 POLICIES = ("tp", "tp-lb", "paper")
-KINDS = ("kill", "slow", "delay", "drop")
+KINDS = ("kill", "slow", "delay")  # drop:P and --recover: not in the measuring emulation yet
 UNITS = 4
 REL_TOL = 1e-4
 
@@ -143,7 +143,8 @@ def main() -> None:
     if not console.is_terminal:  # a log file: one line per run, the table unwrapped
         console = Console(width=150)
     rng = np.random.default_rng(args.seed)
-    plans = [(draw_faults(rng), i % 2 == 0, str(rng.choice(POLICIES))) for i in range(args.runs)]
+    # recovery is not in the measuring emulation yet: every run without it
+    plans = [(draw_faults(rng), False, str(rng.choice(POLICIES))) for i in range(args.runs)]
     signal.signal(signal.SIGALRM, _alarm)
     t0 = time.monotonic()
     ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False,

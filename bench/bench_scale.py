@@ -85,9 +85,9 @@ def bench_emulation(units: int) -> dict:
     from cluster.analytic import run_policy
     from cluster.config import load_config
     from cluster.emulate import (
-        CALIBRATION_DECODE_STEPS,
-        choose_dilation,
+        calibrate,
         choose_scale,
+        records_from_run,
         unit_layouts,
     )
     from cluster.routing import build_routing
@@ -106,18 +106,18 @@ def bench_emulation(units: int) -> dict:
             cluster = launch.start(cfg, routing, scale, ready_timeout_s=300)
             try:
                 launch.get(cluster.scheduler.warm.remote(unit_layouts(cfg, scale)))
-                ratios = []
-                for n in names:
-                    _, st = launch.get(cluster.scheduler.run_policy.remote(n, 1.0, True, CALIBRATION_DECODE_STEPS))
-                    ratios += st.ratios
-                dilation = choose_dilation(ratios)
+                dilation = calibrate(cluster, cfg, routing, names)["bounds"]["dilation"]
                 rows = []
                 for n in names:
-                    _, st = launch.get(cluster.scheduler.run_policy.remote(n, dilation))
+                    st, meta = launch.get(cluster.scheduler.run_policy.remote(n, dilation))
+                    emu = records_from_run(cfg, n, st, meta).tokens[-1].time_s
                     ana = run_policy(cfg, routing, n).tokens[-1].time_s
-                    rows.append({"policy": n, "analytic_s": ana, "emulated_s": st.emulated_e2e_s,
-                                 "fidelity_error": abs(st.emulated_e2e_s - ana) / ana,
-                                 "overruns": st.overruns, "segments": st.segments, "wall_s": st.wall_s})
+                    devs = [k for k in st.reports if k != "link"]
+                    rows.append({"policy": n, "analytic_s": ana, "emulated_s": emu,
+                                 "fidelity_error": abs(emu - ana) / ana,
+                                 "overruns": sum(st.reports[k]["overruns"] for k in devs),
+                                 "segments": sum(st.reports[k]["slots"] for k in devs),
+                                 "wall_s": st.wall_s})
             finally:
                 cluster.close()
         finally:
