@@ -303,6 +303,7 @@ class HostLink:
         self.trace_seqs: tuple[int, int] = (0, -1)
         self.bypass = False  # before a run (preload): deliver at once, unthrottled
         self.lookahead_s = 0.0  # deliveries leave this early, stamped with their completion
+        self.offset_s = 0.0
         self.by_pid: dict[int, int] = {}  # the scheduler's transfer id -> the link's
         self.early_upgrades: dict[int, tuple[int, float]] = {}  # pid -> (order, at_s)
         self.early_cancels: set[int] = set()
@@ -319,9 +320,13 @@ class HostLink:
         self.trace_seqs = (int(lo), int(hi))
         self.bypass = bool(f.get("bypass", False))
         self.lookahead_s = float(f.get("lookahead_s", 0.0))
+        self.offset_s = float(f.get("offset_s", 0.0))  # this host's clock to the run's timebase
         self.by_pid.clear()
         self.early_upgrades.clear()
         self.early_cancels.clear()
+
+    def now(self) -> float:
+        return wall_now() + self.offset_s
 
     def service_s(self, true_bytes: int) -> float:
         return self.dilation * (self.latency_s + true_bytes / self.bw)
@@ -361,7 +366,7 @@ class HostLink:
             return []
         if msg.type == "cmd":
             kind = f["kind"]
-            at = min(float(f.get("at_s", self.sched.base_s)), wall_now())
+            at = min(float(f.get("at_s", self.sched.base_s)), self.now())
             if kind == "cancel":
                 for pid in f["pids"]:
                     x = self.by_pid.pop(int(pid), None)
@@ -473,7 +478,7 @@ class LinkServer:
 
     def serve(self) -> None:
         while not self._stop.is_set():
-            now = wall_now()
+            now = self.link.now()
             # a delivery leaves ``lookahead_s`` before its completion, stamped with it: the
             # receiver holds it until then, so the hop to it is absorbed; an arrival inside
             # that window that would have preempted it is counted late instead
@@ -483,10 +488,10 @@ class LinkServer:
                 except EmulationError:
                     self.rejected += 1
             nxt = self.link.sched.next_due_s() - self.link.lookahead_s
-            wait = min(self.poll_s, max(0.0, nxt - wall_now()))
+            wait = min(self.poll_s, max(0.0, nxt - self.link.now()))
             got = self.tr.recv(wait) if wait > 1e-3 else self.tr.recv(0.0)
             if got is None:
-                left = nxt - wall_now()
+                left = nxt - self.link.now()
                 if 0 < left <= 1e-3:
                     time.sleep(left)
                 continue

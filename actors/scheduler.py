@@ -782,7 +782,9 @@ class SchedulerCore:
                                       "latency_s": run.lat_s, "bw_bytes_per_s": run.cost.link_bw,
                                       "prefetch_class": pf_class, "trace_seqs": trace_seqs,
                                       "bypass": False, "base_s": epoch,
-                                      "lookahead_s": self.hop_s}, what="link reset")
+                                      "lookahead_s": self.hop_s,
+                                      "offset_s": self.offsets.get(LINK_PEER, 0.0)},
+                          what="link reset")
             self.net.call(GPU_PEER, {"kind": "run", "epoch_s": epoch,
                                      "decode_steps": routing.decode_steps}, what="gpu run")
             total = len(run.order)
