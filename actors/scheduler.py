@@ -531,6 +531,19 @@ class PolicyRun:
                                  "gpu_experts": sum(1 for t in plan.tasks if t.device == policies.GPU)})
         self.stats.plans.append(plan)
 
+    def _prefetch_orders(self, keys: list[tuple[int, int]]) -> dict[int, list[list[int]]]:
+        """Ship orders, by holding unit, for the prefetcher's keys not already on the GPU or
+        on their way (each gets a transfer id and its place in the link's issue order)."""
+        pre: dict[int, list[list[int]]] = {}
+        for key in keys:
+            if key in self.landed or key in self.inflight or key not in self.pf.cache:
+                continue
+            pid = next(self.pids)
+            self.inflight[key] = pid
+            pre.setdefault(key[1] % self.N, []).append([key[0], key[1], 0, self.d_ff, pid,
+                                                        next(self.orders)])
+        return pre
+
     def _drain_evicted(self) -> list[tuple[int, int]]:
         cache = self.pf.cache
         out = [k for k in cache.evicted if k not in cache]
@@ -585,14 +598,7 @@ class PolicyRun:
                     keep.append(pid)
                     self.inflight[key] = pid
             fetch_pid[(fe.expert, fe.col_start, fe.col_end)] = pid
-        # background prefetches after this step's fetches
-        pre: dict[int, list[list[int]]] = {}
-        for key in more:
-            if key in self.landed or key in self.inflight or key not in self.pf.cache:
-                continue
-            pid = next(self.pids)
-            self.inflight[key] = pid
-            pre.setdefault(key[1] % N, []).append([key[0], key[1], 0, d_ff, pid, next(self.orders)])
+        pre = self._prefetch_orders(more)  # background prefetches after this step's fetches
         if cancel:
             net.post(LINK_PEER, "cancel", {"pids": cancel, "at_s": at})
         if upgrades:
@@ -653,14 +659,7 @@ class PolicyRun:
         more = self.pf.after_prefill(counts)
         evicted = self._drain_evicted()
         at = float(f["at_s"]) + self.D * self.lat_s
-        pre: dict[int, list[list[int]]] = {}
-        for key in more:
-            if key in self.landed or key in self.inflight or key not in self.pf.cache:
-                continue
-            pid = next(self.pids)
-            self.inflight[key] = pid
-            pre.setdefault(key[1] % self.N, []).append([key[0], key[1], 0, self.d_ff, pid,
-                                                        next(self.orders)])
+        pre = self._prefetch_orders(more)
         for key in evicted:  # (a prefetcher that evicts at the end of prefill)
             self.landed.pop(key, None)
             self.inflight.pop(key, None)
