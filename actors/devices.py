@@ -59,7 +59,7 @@ from actors import kernels as K
 from actors import wire
 from actors.clock import wall_now
 from actors.link import LINK_PEER
-from actors.transport import Transport
+from actors.transport import Refusals, Transport
 from cluster import reference as R
 from cluster.cost import CostModel
 from cluster.errors import EmulationError, ProtocolError
@@ -616,12 +616,24 @@ REPLY_CACHE = 32  # replies kept for retried task ids: retries concern the last 
 SPIN_FREE_S = 1e-3  # a hold closer than this is slept out with time.sleep, not polled
 
 
+# who may tell a device what: the scheduler commands it, the link only delivers transfers
+# (an ``error`` is a peer's answer to something this device sent: counted, never answered)
+DEVICE_PEERS: dict[bytes, frozenset[str]] = {
+    SCHED_PEER: frozenset({"task", "cmd", "ping", "shutdown", "error"}),
+    LINK_PEER: frozenset({"data", "error"}),
+}
+
+
 class DeviceServer:
     """Serves one device (or the link's twin loop) on a transport until ``shutdown``.
 
-    Malformed or unexpected messages are answered with an ``error`` message and counted; the
-    server keeps serving (DESIGN.md section 9). Runs in the caller's thread (:meth:`serve`)
-    or a background thread (:meth:`start`).
+    Only ``peers`` (name -> message types it may send; default :data:`DEVICE_PEERS`) are
+    listened to: a message from anyone else is dropped unanswered and recorded in
+    ``refusals``. A malformed message from a known peer, or one of a type that peer may not
+    send, is answered with an ``error`` and counted (``rejected``, ``malformed``); an
+    ``error`` itself is counted and never answered (two sides never trade errors forever).
+    The server keeps serving (DESIGN.md section 9). Runs in the caller's thread
+    (:meth:`serve`) or a background thread (:meth:`start`).
 
     - Idempotent by task id: a ``task`` whose id was already answered gets the cached reply.
     - ``heartbeat``: a transport of its own (zmq sockets are not thread-safe) on which a thread
@@ -636,8 +648,12 @@ class DeviceServer:
     def __init__(self, device: Device, transport: Transport, poll_s: float = 0.05,
                  *, name: str = "", heartbeat: Transport | None = None,
                  heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S, incarnation: int = 0,
-                 announce_to: bytes | None = None, on_die: Callable[[], None] | None = None) -> None:
+                 announce_to: bytes | None = None, on_die: Callable[[], None] | None = None,
+                 peers: dict[bytes, frozenset[str]] | None = None) -> None:
         self.device = device
+        self.peers = DEVICE_PEERS if peers is None else peers
+        self.refusals = Refusals()  # unknown peers, dropped
+        self.malformed = Refusals()  # known peers' bad messages, answered
         self.transport = transport
         self.poll_s = poll_s
         self.name = name or device.name
@@ -697,9 +713,19 @@ class DeviceServer:
         self._stop.set()
 
     def _handle(self, peer: bytes, frames: list) -> None:
+        allowed = self.peers.get(peer)
+        if allowed is None:  # not a peer of this run: not even an answer
+            self.refusals.add(peer, "unknown peer")
+            return
         tid = None
         try:
             msg = wire.decode(frames)
+            if msg.type not in allowed:
+                raise ProtocolError(f"{msg.type!r} is not a message {peer.decode()} sends")
+            if msg.type == "error":
+                self.malformed.add(peer, f"error from the peer: {msg.fields['message'][:120]}")
+                self.rejected += 1
+                return
             if msg.type == "shutdown":
                 self._stop.set()
                 return
@@ -727,6 +753,7 @@ class DeviceServer:
                     self._replies.popitem(last=False)
         except Exception as exc:  # any bad request is answered and counted; the device serves on
             self.rejected += 1
+            self.malformed.add(peer, f"{type(exc).__name__}: {exc}"[:120])
             err = {"message": f"{self.name}: {type(exc).__name__}: {exc}"[:2000]}
             if isinstance(tid, int) and not isinstance(tid, bool):
                 err["task_id"] = tid

@@ -41,7 +41,7 @@ import numpy as np
 
 from actors import wire
 from actors.clock import wall_now
-from actors.transport import Transport
+from actors.transport import Refusals, Transport
 from cluster.errors import EmulationError, ProtocolError
 
 CLASS_STEP = 0  # activations and partial outputs
@@ -417,9 +417,21 @@ class HostLink:
 
 
 def _restamp(frames: list[Any], at_s: float) -> list:
-    """The transfer's message with its delivery stamp (the completion time) as ``at_s``."""
-    msg = wire.decode(frames)
-    return wire.encode("data", {**msg.fields, "at_s": at_s}, [np.asarray(a) for a in msg.arrays])
+    """The transfer's message with its delivery stamp (the completion time) as ``at_s``: only
+    the header frame is rebuilt, the payload frames go out as they came in."""
+    return wire.restamp(frames, {"at_s": at_s})
+
+
+SCHED_NAME = b"sched"
+# what each kind of peer may send the link; transfers also by kind and destination
+_SCHED_SENDS = frozenset({"task", "cmd", "ping", "shutdown", "error"})
+_DEVICE_SENDS = frozenset({"data", "error"})
+_SENT_BY_GPU = frozenset({"activation"})  # to a unit
+_SENT_BY_UNIT = frozenset({"partial", "fetch", "prefetch"})  # to the GPU
+
+
+def _is_device(name: bytes) -> bool:
+    return name == b"gpu" or (name.startswith(b"ndp") and name[3:].isdigit())
 
 
 class LinkServer:
@@ -427,16 +439,53 @@ class LinkServer:
 
     Control requests from the scheduler (``task`` of kind ``reset``, ``report``, ``window``)
     are answered with a ``result``; ``data`` and ``cmd`` messages are queued and delivered at
-    their completion. Malformed messages are counted and answered with ``error``.
+    their completion.
+
+    Only the run's peers are listened to: the scheduler (``sched``: control, commands), the
+    GPU (activations to a unit) and the units (partials and weights to the GPU); ``devices``
+    names them (default: any ``gpu`` or ``ndp<k>``). A message from anyone else is dropped
+    unanswered and recorded in ``refusals``; so nobody else can put a transfer on the link
+    or make it deliver one. A malformed message from a known peer (or one that peer may not
+    send) is answered with ``error`` and counted (``rejected``, ``malformed``); an ``error``
+    is counted and never answered.
     """
 
-    def __init__(self, transport: Transport, *, poll_s: float = 0.05) -> None:
+    def __init__(self, transport: Transport, *, poll_s: float = 0.05,
+                 devices: Any = None) -> None:
         self.tr = transport
         self.link = HostLink()
         self.poll_s = poll_s
+        self.devices = None if devices is None else frozenset(devices)
         self.rejected = 0
+        self.refusals = Refusals()  # unknown peers, dropped
+        self.malformed = Refusals()  # known peers' bad messages, answered
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _known_device(self, name: bytes) -> bool:
+        return name in self.devices if self.devices is not None else _is_device(name)
+
+    def _check(self, peer: bytes, msg: wire.Message) -> None:
+        """Raises ProtocolError unless ``peer`` may send ``msg``."""
+        if peer == SCHED_NAME:
+            if msg.type not in _SCHED_SENDS:
+                raise ProtocolError(f"{msg.type!r} is not a message the scheduler sends the link")
+            return
+        if msg.type not in _DEVICE_SENDS:
+            raise ProtocolError(f"{msg.type!r} is not a message a device sends the link")
+        if msg.type != "data":
+            return
+        f = msg.fields
+        kind, dst = f["kind"], f.get("dst")
+        dst_b = dst.encode() if isinstance(dst, str) else b""
+        gpu = peer == b"gpu"
+        if kind not in (_SENT_BY_GPU if gpu else _SENT_BY_UNIT):
+            raise ProtocolError(f"{peer.decode()} may not send {kind!r} transfers")
+        if not (self._known_device(dst_b) and (dst_b != b"gpu") == gpu):
+            raise ProtocolError(f"{peer.decode()} may not send a {kind!r} to {dst!r}")
+        nbytes = f.get("true_bytes")
+        if type(nbytes) is not int or nbytes < 0:
+            raise ProtocolError(f"a transfer needs true_bytes, an int >= 0, got {nbytes!r}")
 
     def _control(self, peer: bytes, msg: wire.Message) -> None:
         f = msg.fields
@@ -457,8 +506,16 @@ class LinkServer:
 
     def _handle(self, peer: bytes, frames: list) -> bool:
         """One message; True for ``shutdown``."""
+        if peer != SCHED_NAME and not self._known_device(peer):
+            self.refusals.add(peer, "unknown peer")  # not a peer of this run: no answer
+            return False
         try:
             msg = wire.decode(frames)
+            self._check(peer, msg)
+            if msg.type == "error":
+                self.rejected += 1
+                self.malformed.add(peer, f"error from the peer: {msg.fields['message'][:120]}")
+                return False
             if msg.type == "shutdown":
                 return True
             if msg.type == "ping":
@@ -471,6 +528,7 @@ class LinkServer:
                     self.tr.send(p, fr)
         except Exception as exc:  # bad input is answered and counted; the link serves on
             self.rejected += 1
+            self.malformed.add(peer, f"{type(exc).__name__}: {exc}"[:120])
             err: dict[str, Any] = {"message": f"link: {type(exc).__name__}: {exc}"[:2000]}
             with contextlib.suppress(EmulationError):
                 self.tr.send(peer, wire.encode("error", err))

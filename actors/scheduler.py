@@ -44,10 +44,10 @@ from actors import kernels as K
 from actors import wire
 from actors.clock import wall_now
 from actors.link import CLASS_FETCH, CLASS_PREFETCH, LINK_PEER
-from actors.transport import Transport
+from actors.transport import Refusals, Transport
 from cluster.analytic import make_prefetcher, policy_cost_config
 from cluster.cost import CostModel
-from cluster.errors import EmulationError
+from cluster.errors import EmulationError, ProtocolError
 from cluster.faults import Kill, parse_inject
 from cluster.routing import Routing, group_by_expert
 from cluster.spec import Config
@@ -152,12 +152,25 @@ class Dispatcher:
     actually ran, so the wall time lost to recovery and retries (from a task's first send to
     the send that ran) is known exactly; it is reported to ``on_lost(wall_s, why)`` once per
     outermost wait, so that the run's clock can skip it.
+
+    Who is listened to (issue 13): with ``peers`` (the run's devices and the link) a message
+    from anyone else is dropped unanswered and recorded in ``refusals``; it can neither end
+    nor steer the run. A malformed message from a known peer (bad frames, an ``event`` whose
+    fields do not fit its kind, an event other than ``failed`` from a unit) is answered with
+    ``error``, counted in ``malformed`` and otherwise ignored. What still fails the run comes
+    from a run's own device: its ``error`` reply, its ``failed`` event, a new incarnation in
+    its ``hello`` (it was restarted), its silence.
     """
 
     def __init__(self, transport: Transport, timeout_s: float, *,
                  heartbeat_timeout_s: float | None = None, recover: bool = False,
-                 drop_p: float = 0.0, rng: np.random.Generator | None = None) -> None:
+                 drop_p: float = 0.0, rng: np.random.Generator | None = None,
+                 peers: list[bytes] | None = None) -> None:
         self.tr, self.timeout_s = transport, timeout_s
+        self.known = None if peers is None else frozenset(
+            [*peers, *(heartbeat_peer(p) for p in peers if p != LINK_PEER)])
+        self.refusals = Refusals()  # unknown peers, dropped
+        self.malformed = Refusals()  # known peers' bad messages, answered
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.recover = recover
         self.drop_p = drop_p
@@ -215,9 +228,23 @@ class Dispatcher:
 
     # --- receiving -------------------------------------------------------------------------
     def _handle(self, peer: bytes, frames: list, what: str, errors: bool = True) -> None:
+        if self.known is not None and peer not in self.known:
+            self.refusals.add(peer, "unknown peer")  # not a peer of this run: no answer
+            return
         base = peer[:-len(HEARTBEAT_SUFFIX)] if peer.endswith(HEARTBEAT_SUFFIX) else peer
         self.last_seen[base] = wall_now()
-        msg = wire.decode(frames)
+        try:
+            msg = wire.decode(frames)
+            if msg.type == "event":
+                _check_event(base, msg.fields)
+            elif msg.type not in _FROM_PEERS:
+                raise ProtocolError(f"{msg.type!r} is not a message a device sends the scheduler")
+        except ProtocolError as exc:  # counted and answered; the run goes on
+            self.malformed.add(peer, str(exc)[:120])
+            if peer == base:  # a heartbeat socket never reads: answer the device's own
+                with contextlib.suppress(EmulationError):
+                    self.tr.send(peer, wire.encode("error", {"message": f"scheduler: {exc}"[:2000]}))
+            return
         if msg.type == "result":
             p = self.pending.pop(msg.fields["task_id"], None)
             if p is not None and p.peer == base:
@@ -443,6 +470,32 @@ class Dispatcher:
             theirs = self.pongs.pop((peer, seq))
             out.append((t1 - t0, (t0 + t1) / 2 - theirs))
         return out
+
+
+_FROM_PEERS = frozenset({"result", "hello", "pong", "event", "error"})
+# event kind -> required fields and their types (the GPU's events; ``failed`` from any device)
+_EVENTS: dict[str, dict[str, Any]] = {
+    "routed": {"seq": int, "layer": int, "at_s": (int, float), "landed": list},
+    "token": {"step": int, "at_s": (int, float), "wall_s": (int, float)},
+    "done": {},
+    "failed": {"message": str},
+}
+
+
+def _check_event(peer: bytes, f: dict[str, Any]) -> None:
+    """Raises ProtocolError unless an ``event`` from ``peer`` has its kind's fields."""
+    kind = f["kind"]
+    need = _EVENTS.get(kind)
+    if need is None or (kind != "failed" and peer != GPU_PEER):
+        raise ProtocolError(f"event {kind!r} is not one {peer.decode(errors='replace')} sends")
+    for name, typ in need.items():
+        v = f.get(name)
+        if not isinstance(v, typ) or isinstance(v, bool):
+            raise ProtocolError(f"event {kind!r} needs {name!r} of type {typ}, got {v!r}"[:200])
+    if kind == "routed" and not all(
+            isinstance(x, list) and len(x) == 3 and all(type(v) is int for v in x)
+            for x in f["landed"]):
+        raise ProtocolError("event 'routed' needs landed as [[layer, expert, transfer id], ...]")
 
 
 def step_order(cfg: Config, decode_steps: int) -> list[tuple[str, int, int]]:
@@ -692,7 +745,7 @@ class SchedulerCore:
         rng = np.random.default_rng([cfg.workload.seed, 0xD809])
         self.net = Dispatcher(transport, self.timeout_s,
                               heartbeat_timeout_s=cfg.emulate.heartbeat_timeout_s,
-                              recover=False, rng=rng)
+                              recover=False, rng=rng, peers=[*self.peers(), LINK_PEER])
         self.kills: list[Kill] = list(self.faults.kills)  # each fires once per cluster
         self.layouts: dict[int, np.ndarray] = {}
         self.offsets: dict[bytes, float] = {}  # peer -> wall offset to this host's clock

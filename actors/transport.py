@@ -34,19 +34,28 @@ transport must be used from one thread only. Sockets close with linger 0; a cont
 transport created is terminated on close, which ends its I/O threads.
 
 Security (DESIGN.md section 9): a router binds loopback only in a local run (:meth:`ZmqRouter.bind`).
-Optionally (``emulate.curve``) the data plane is authenticated and encrypted with CURVE: the
-router is a CURVE server with its own :class:`CurveKeys` and lets in only the client public keys
-it was given (a ZAP authenticator thread on its context; a handshake with any other key, or with
-no key, fails before a single message is delivered), and each dealer presents its own keypair
-and the server's public key. Each client key is also bound to the identities it may use (a
-device's ``name`` and ``name.hb``): a message whose identity does not belong to the key that
-authenticated its connection is dropped and counted (:attr:`ZmqRouter.impostors`). Keys are
-never sent over zmq; the launcher hands them out through Ray (:mod:`cluster.launch`). Without
-``curve`` nothing of this runs and the sockets are exactly as before.
+With ``curve`` (``emulate.curve``, on by default) the data plane is authenticated and encrypted
+with CURVE: the router is a CURVE server with its own :class:`CurveKeys` and lets in only the
+client public keys it was given. Its gatekeeper thread (:class:`_Gatekeeper`) answers the
+context's ZAP requests (RFC 27) and watches the socket's failed handshakes, so every refusal is
+recorded with what is known of the peer (its key and address for an unknown key; the zmq
+protocol error for a peer without CURVE, with a wrong server key, or speaking garbage): a
+handshake with any other key, or with no key, fails before a single message is delivered. Each
+dealer presents its own keypair and the server's public key. Each client key is also bound to
+the identities it may use (a device's ``name`` and ``name.hb``): a message whose identity does
+not belong to the key that authenticated its connection is dropped and recorded. Keys are
+never sent over zmq; the launcher hands them out through Ray (:mod:`cluster.launch`).
+
+A router takes a second connection with an identity already connected (``ROUTER_HANDOVER``)
+only when asked (``handover``, for a restarted device under ``emulate.recover``); otherwise zmq
+refuses the newcomer, so nobody can take over a live device's identity and receive its commands.
+Every refusal at an endpoint goes into its :class:`Refusals` (bounded counts by peer and
+reason), which the run reports in ``summary.json`` (``rejected_peers``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import queue
@@ -59,6 +68,7 @@ from typing import Any, Protocol
 
 import zmq
 from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
 
 from cluster.errors import EmulationError
 
@@ -157,21 +167,147 @@ class CurveKeys:
         return f"CurveKeys(public={self.public!r}, secret=<hidden>)"
 
 
-class _KnownClients:
-    """ZAP credentials provider: lets a CURVE client in only if its public key is known.
+def peer_name(peer: Any, limit: int = 64) -> str:
+    """A peer identity as printable text for a report (never trusted, never executed)."""
+    if isinstance(peer, (bytes, bytearray, memoryview)):
+        peer = bytes(peer).decode("ascii", "backslashreplace")
+    text = str(peer)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
-    ``callback`` runs on the authenticator's thread; ``denied`` counts refused handshakes.
+
+class Refusals:
+    """What one endpoint refused, counted by (peer, reason); thread-safe and bounded.
+
+    A hostile peer may invent a new identity for every message: past ``MAX_ENTRIES`` distinct
+    (peer, reason) pairs the rest are counted under ``(other peers)``.
     """
 
-    def __init__(self, keys: Iterable[bytes]) -> None:
-        self.keys = frozenset(keys)
-        self.denied = 0
+    MAX_ENTRIES = 64
 
-    def callback(self, domain: str, key: bytes) -> bool:
-        ok = key in self.keys
-        if not ok:
-            self.denied += 1
-        return ok
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def add(self, peer: Any, reason: str) -> None:
+        key = (peer_name(peer), reason[:200])
+        with self._lock:
+            self.total += 1
+            if key not in self.counts and len(self.counts) >= self.MAX_ENTRIES:
+                key = ("(other peers)", "(not itemised)")
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def as_list(self, at: str) -> list[dict[str, Any]]:
+        """``[{"at", "peer", "reason", "count"}]``, largest count first (plain JSON)."""
+        with self._lock:
+            items = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        return [{"at": at, "peer": p, "reason": r, "count": n} for (p, r), n in items]
+
+
+_HANDSHAKE_ERRORS = {getattr(zmq, n): n[len("PROTOCOL_ERROR_"):].lower().replace("_", " ")
+                     for n in dir(zmq) if n.startswith("PROTOCOL_ERROR_")}
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # RFC 27: where libzmq sends a context's ZAP requests
+
+
+class _Gatekeeper:
+    """A CURVE router's ZAP handler (RFC 27) and handshake watcher, on one thread of its own.
+
+    ZAP: a CURVE client is let in only if its public key is in ``keys`` (the reply's User-Id is
+    the Z85 key, which :meth:`ZmqRouter._key_owns` reads back); any other key, or another
+    mechanism, is refused and recorded with the key and the client's address. The socket's
+    monitor reports handshakes that fail before ZAP is asked (a peer without CURVE, a wrong
+    server key, bytes that are not ZMTP): recorded with the protocol error, as zmq does not
+    tell who the peer was. ``denied`` counts the ZAP refusals.
+    """
+
+    def __init__(self, ctx: zmq.Context, sock: zmq.Socket, keys: frozenset[str],
+                 refusals: Refusals) -> None:
+        self.keys, self.refusals = keys, refusals
+        self.denied = 0
+        self.zap = ctx.socket(zmq.REP)
+        self.zap.setsockopt(zmq.LINGER, 0)
+        # zmq frees a closed socket's inproc name a moment later, so the ZAP name of a router
+        # just closed on a shared context may still be taken: try again for a short while
+        deadline = time.monotonic() + ZAP_BIND_WAIT_S
+        while True:
+            try:
+                self.zap.bind(ZAP_ENDPOINT)
+                break
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    self.zap.close(linger=0)
+                    raise EmulationError(f"cannot start the CURVE authenticator: {exc} "
+                                         "(one CURVE router per zmq context)") from exc
+                time.sleep(0.005)
+        try:
+            self.mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+            pipe = f"inproc://ndpmoe-gate-{uuid.uuid4().hex}"
+            self._stop_rx = ctx.socket(zmq.PAIR)
+            self._stop_rx.bind(pipe)
+            self._stop_tx = ctx.socket(zmq.PAIR)
+            self._stop_tx.setsockopt(zmq.LINGER, 0)
+            self._stop_tx.connect(pipe)
+        except BaseException:
+            self.zap.close(linger=0)
+            raise
+        self._sock = sock
+        self.thread = threading.Thread(target=self._run, name="ndpmoe-zap", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        for s in (self.zap, self.mon, self._stop_rx):
+            poller.register(s, zmq.POLLIN)
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if self._stop_rx in ready:
+                    return
+                if self.zap in ready:
+                    self._answer(self.zap.recv_multipart())
+                if self.mon in ready:
+                    self._watch(recv_monitor_message(self.mon))
+        finally:
+            for s in (self.zap, self.mon, self._stop_rx):
+                s.close(linger=0)
+
+    def _answer(self, msg: list[bytes]) -> None:
+        if len(msg) < 6:  # not a ZAP request; answer what can be answered
+            if len(msg) >= 2:
+                self.zap.send_multipart([b"1.0", msg[1], b"400", b"malformed request", b"", b""])
+            return
+        _version, rid, _domain, address, _identity, mechanism, *cred = msg[:7]
+        where = address.decode("ascii", "replace")
+        if mechanism == b"CURVE" and len(cred) == 1 and len(cred[0]) == 32:
+            key = z85.encode(cred[0]).decode("ascii")
+            if key in self.keys:
+                self.zap.send_multipart([b"1.0", rid, b"200", b"OK", key.encode("ascii"), b""])
+                return
+            who, why = f"CURVE key {key} from {where}", "unknown CURVE key (ZAP refused)"
+        else:
+            who = f"{mechanism.decode('ascii', 'replace')} client from {where}"
+            why = "not CURVE (ZAP refused)"
+        self.denied += 1
+        self.refusals.add(who, why)
+        self.zap.send_multipart([b"1.0", rid, b"400", b"not allowed", b"", b""])
+
+    def _watch(self, event: dict[str, Any]) -> None:
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            why = _HANDSHAKE_ERRORS.get(event["value"], f"protocol error {event['value']:#x}")
+        elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            why = "no detail"
+        else:
+            return
+        self.refusals.add("(unauthenticated tcp peer)", f"handshake failed: {why}")
+
+    def stop(self) -> None:
+        """Ends the thread; call after the router's socket is closed (never let anyone in
+        unchecked: without a ZAP handler libzmq would admit any CURVE client)."""
+        with contextlib.suppress(zmq.ZMQError):
+            self._stop_tx.send(b"")
+        self.thread.join(5.0)
+        self._stop_tx.close(linger=0)
 
 
 class _ZmqSocket:
@@ -262,10 +398,12 @@ class ZmqRouter(_ZmqSocket):
 
     With ``curve`` (the router's keypair) it is a CURVE server that admits only the client
     public keys in ``clients``, each mapped to the identities that key may use, e.g.
-    ``{ndp0_keys.public: [b"ndp0", b"ndp0.hb"]}``. A ZAP authenticator thread runs on the
-    router's context from construction (before any bind) until :meth:`close`; a context holds
-    one ZAP handler, so two CURVE routers cannot share a context. ``denied`` counts refused
-    CURVE handshakes, ``impostors`` messages dropped for using an identity their key may not.
+    ``{ndp0_keys.public: [b"ndp0", b"ndp0.hb"]}``. A gatekeeper thread runs on the router's
+    context from construction (before any bind) until :meth:`close`; a context holds one ZAP
+    handler, so two CURVE routers cannot share a context. ``handover``: a new connection may
+    take over an identity already connected (a restarted device); without it zmq refuses it.
+    ``refusals`` records refused handshakes and messages dropped for using an identity their
+    key may not (``denied`` and ``impostors`` count them).
     """
 
     def __init__(
@@ -276,10 +414,11 @@ class ZmqRouter(_ZmqSocket):
         hwm: int = DEFAULT_HWM,
         curve: CurveKeys | None = None,
         clients: Mapping[bytes, Iterable[bytes]] | None = None,
+        handover: bool = False,
     ) -> None:
         self._bound: dict[str, frozenset[bytes]] | None = None  # User-Id -> identities (CURVE)
-        self._known: _KnownClients | None = None
         self.impostors = 0
+        self.refusals = Refusals()
         if curve is None:
             if clients is not None:
                 raise ValueError("clients are CURVE client keys: give the router's curve keys too")
@@ -299,43 +438,22 @@ class ZmqRouter(_ZmqSocket):
         super().__init__(zmq.ROUTER, context, send_timeout_s, hwm)
         try:
             self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1 if handover else 0)
             if curve is not None:
-                self._start_curve(curve)
+                self._sock.curve_secretkey = curve.secret
+                self._sock.curve_publickey = curve.public
+                self._sock.curve_server = True
+                self._auth = _Gatekeeper(self._ctx, self._sock, frozenset(self._bound),
+                                         self.refusals)
         except BaseException:
             self._fail_init()
             raise
         self.endpoint: str | None = None
 
-    def _start_curve(self, curve: CurveKeys) -> None:
-        from zmq.auth.thread import ThreadAuthenticator
-
-        self._sock.curve_secretkey = curve.secret
-        self._sock.curve_publickey = curve.public
-        self._sock.curve_server = True
-        self._known = _KnownClients(k.encode("ascii") for k in self._bound)
-        # zmq frees a closed socket's inproc name a moment later, so the ZAP name of a router
-        # just closed on a shared context may still be taken: try again for a short while
-        deadline = time.monotonic() + ZAP_BIND_WAIT_S
-        while True:
-            auth = ThreadAuthenticator(self._ctx)
-            auth.pipe_endpoint = f"inproc://ndpmoe-zap-pipe-{uuid.uuid4().hex}"  # never reused
-            auth.configure_curve_callback(domain="*", credentials_provider=self._known)
-            try:
-                auth.start()
-                break
-            except zmq.ZMQError as exc:
-                auth.stop()  # closes the ZAP socket it made
-                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
-                    raise EmulationError(f"cannot start the CURVE authenticator: {exc} "
-                                         "(one CURVE router per zmq context)") from exc
-                time.sleep(0.005)
-        self._auth = auth
-
     @property
     def denied(self) -> int:
         """CURVE handshakes refused because the client's key is unknown (0 without CURVE)."""
-        return 0 if self._known is None else self._known.denied
+        return 0 if self._auth is None else self._auth.denied
 
     def bind(self, host: str = "127.0.0.1", port: int = 0, *, local: bool = True) -> str:
         """Bind on ``host:port`` (0: any free port) and return the real ``tcp://`` endpoint.
@@ -380,6 +498,9 @@ class ZmqRouter(_ZmqSocket):
         if ident.bytes in self._bound.get(uid, ()):
             return True
         self.impostors += 1
+        owner = sorted(self._bound.get(uid, ()))
+        self.refusals.add(ident.bytes, "identity not bound to the CURVE key it used"
+                          + (f" (the key of {peer_name(owner[0])})" if owner else ""))
         return False
 
     def _recv_vetted(self, timeout_s: float) -> list[zmq.Frame] | None:
@@ -531,12 +652,16 @@ class Mux:
     has a message (zmq sockets are polled together; anything else in turn).
 
     A device talks to the scheduler on one socket and to the link on another; ``routes``
-    maps a peer to the transport that reaches it, and ``default`` takes every other peer.
+    maps a peer to the transport that reaches it, and ``default`` takes every other peer. A
+    message that arrives on one member under the name of a peer routed to another (a dealer
+    calling itself ``link`` on the scheduler's router) is dropped and recorded in
+    ``refusals``: names are only believed on the socket they belong to.
     """
 
     def __init__(self, default: Transport, routes: dict[bytes, Transport]) -> None:
         self.default, self.routes = default, dict(routes)
         self.members = [default, *(t for t in self.routes.values() if t is not default)]
+        self.refusals = Refusals()
         socks = [getattr(t, "socket", None) for t in self.members]
         self._poller = None
         if all(s is not None for s in socks):
@@ -548,29 +673,29 @@ class Mux:
     def send(self, peer: bytes, frames: Frames) -> None:
         self.routes.get(peer, self.default).send(peer, frames)
 
+    def _take(self, t: Transport) -> tuple[bytes, list[Any]] | bool | None:
+        """The next message waiting on member ``t``; False if it was a spoof (dropped)."""
+        got = t.recv(0.0)
+        if got is not None and self.routes.get(got[0], self.default) is not t:
+            self.refusals.add(got[0], "the name of a peer that speaks on another socket")
+            return False
+        return got
+
     def recv(self, timeout_s: float) -> tuple[bytes, list[Any]] | None:
-        for t in self.members:  # whatever is already there, without waiting
-            got = t.recv(0.0)
-            if got is not None:
-                return got
-        if timeout_s <= 0:
-            return None
-        if self._poller is not None:
-            ready = dict(self._poller.poll(_timeout_ms(timeout_s)))
-            for s, t in self._by_sock.items():
-                if s in ready:
-                    got = t.recv(0.0)
-                    if got is not None:
-                        return got
-            return None
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for t in self.members:
-                got = t.recv(0.0)
+        while True:
+            for t in self.members:  # whatever is already there, without waiting
+                while (got := self._take(t)) is False:
+                    pass
                 if got is not None:
                     return got
-            time.sleep(min(1e-4, max(0.0, deadline - time.monotonic())))
-        return None
+            left = deadline - time.monotonic()
+            if timeout_s <= 0 or left <= 0:
+                return None
+            if self._poller is not None:
+                self._poller.poll(_timeout_ms(left))
+            else:
+                time.sleep(min(1e-4, left))
 
     def close(self) -> None:
         for t in self.members:

@@ -223,6 +223,28 @@ def encode(
     return [packed, *frames]
 
 
+def restamp(frames: Sequence[Any], changes: Mapping[str, Any]) -> list[Any]:
+    """A message that :func:`decode` already accepted, with header fields replaced.
+
+    Only the header frame is re-packed; the array frames go out as they came (the same
+    ``zmq.Frame`` or buffer objects: no copy, and no second validation of what did not
+    change). ``changes`` may not touch the reserved keys, and a time field must stay finite.
+    """
+    header = msgpack.unpackb(frames[0], raw=False)
+    for key, value in changes.items():
+        if key in RESERVED_KEYS:
+            raise ProtocolError(f"restamp may not change the reserved field {key!r}")
+        if key.endswith("_s") and not _is_finite_number(value):
+            raise ProtocolError(f"field {key!r} must be a finite number, got {_short(value)}")
+        header[key] = value
+    try:
+        packed = _packer().pack(header)
+    except (TypeError, ValueError, OverflowError) as exc:
+        _local.packer = None
+        raise ProtocolError(f"cannot re-encode a header: {exc}") from exc
+    return [packed, *frames[1:]]
+
+
 # --- decode -----------------------------------------------------------------------------------
 
 

@@ -331,12 +331,17 @@ def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path
     scale = choose_scale(cfg)
     say = console.print if console is not None else (lambda *a, **k: None)
     faults = parse_inject(cfg.emulate.inject)
+    if not cfg.emulate.curve:
+        say("[yellow]warning:[/] emulate.curve = false: the data plane is neither authenticated "
+            "nor encrypted; peers are told apart by the name they claim, which any process that "
+            "reaches the ports can forge (README, 'Clusters, faults and security')")
     cluster = launch.start(cfg, routing, scale, address)
     summaries: dict[str, dict[str, Any]] = {}
     records: list[PolicyRecords] = []
     outputs: dict[str, np.ndarray] = {}
     extra: dict[str, Any] = {"emulation": {"weights_scale": scale, "startup_s": cluster.startup_s,
-                                           "rtt_s": cluster.rtt_s, "recover": cfg.emulate.recover}}
+                                           "rtt_s": cluster.rtt_s, "recover": cfg.emulate.recover,
+                                           "curve": cfg.emulate.curve}}
     if faults:
         extra["faults"] = {"inject": cfg.emulate.inject, **faults.as_dict()}
     ref = None
@@ -388,6 +393,7 @@ def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path
                 summaries[n] = s
                 records.append(rec)
         extra["emulation"]["node_ids"] = cluster.node_ids()
+        extra.update(cluster.rejected_peers())  # refused peers and messages (issue 13)
     except EmulationError as exc:
         raise _partial(cluster, cfg, current, names, exc, summaries, records, extra) from exc
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (cluster.cli): stop, keep what there is
@@ -419,6 +425,8 @@ def _partial(cluster, cfg: Config, current: str, names: list[str], exc: Emulatio
         if rec is not None:
             records.append(rec)
     done = [n for n in names if summaries.get(n, {}).get("status") == "ok"]
+    with contextlib.suppress(Exception):
+        extra = {**extra, **cluster.rejected_peers()}
     extra = {**extra, "status": "failed", "error": str(exc), "failed_policy": current,
              "not_run": [n for n in names if n not in summaries]}
     msg = f"{exc} (policy {current}; finished: {', '.join(done) or 'none'})"

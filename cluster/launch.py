@@ -16,7 +16,12 @@ identity (the ROUTER hands the identity over), greets with a new ``incarnation``
 the scheduler re-warms it and re-dispatches its interrupted task. The GPU is never restarted:
 it holds the hidden states, so losing it fails the run.
 
-Security: with ``emulate.curve`` the data plane uses CURVE (:mod:`actors.transport`). The
+Security: every receiver listens only to the peers this run created (the scheduler to the
+devices and the link, the link to the scheduler and the devices, each device to the scheduler
+and the link) and records everyone else it refused; :meth:`EmuCluster.rejected_peers` gathers
+those records for ``summary.json``. Routers refuse a second connection with a live identity
+unless ``emulate.recover`` needs it for a restarted unit. With ``emulate.curve`` (the default)
+the data plane uses CURVE (:mod:`actors.transport`). The
 scheduler actor makes a server keypair and one client keypair per device and admits only
 those keys, each for its own device's identities (``name`` and ``name.hb``). The keys travel
 on the control plane only: the driver asks the scheduler for the server's public key and the
@@ -103,6 +108,12 @@ class _DeviceActor:
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "handled": self.server.handled, "rejected": self.server.rejected}
 
+    def rejected_peers(self) -> dict[str, list[dict[str, Any]]]:
+        """What this device refused: unknown peers, and known peers' malformed messages."""
+        name = self.server.name
+        return {"peers": self.server.refusals.as_list(name) + self.transport.refusals.as_list(name),
+                "malformed": self.server.malformed.as_list(name)}
+
     def stop(self) -> None:
         self.server.stop()
         self.transport.close()
@@ -133,11 +144,18 @@ class _LinkActor:
     def bind(self, clients: dict[bytes, Any] | None) -> str:
         """Binds (admitting ``clients`` = {public key: identities} with CURVE) and serves."""
         curve = {} if self._keys is None else {"curve": self._keys, "clients": clients}
-        self.router = self._router_cls(**curve)
+        self.router = self._router_cls(handover=self._cfg.emulate.recover, **curve)
         endpoint = self.router.bind(self._host, 0, local=self._local)
-        self.server = self._server_cls(self.router)
+        self.server = self._server_cls(self.router, devices=_peers(self._cfg))
         self.server.start()
         return endpoint
+
+    def rejected_peers(self) -> dict[str, list[dict[str, Any]]]:
+        """What the link refused: handshakes, unknown peers; known peers' malformed messages."""
+        if self.server is None:
+            return {"peers": [], "malformed": []}
+        return {"peers": self.router.refusals.as_list("link") + self.server.refusals.as_list("link"),
+                "malformed": self.server.malformed.as_list("link")}
 
     def stop(self) -> None:
         if self.server is not None:
@@ -166,7 +184,7 @@ class _SchedulerActor:
             curve = {"curve": server,
                      "clients": {k.public: (peer, peer + b".hb") for peer, k in devices.items()}}
             self._curve = (server.public, devices)
-        self.router = ZmqRouter(**curve)
+        self.router = ZmqRouter(handover=cfg.emulate.recover, **curve)
         self.endpoint_ = self.router.bind(host, 0, local=local)
         self._link_keys = CurveKeys.generate() if cfg.emulate.curve else None
         self.transport: Any = self.router
@@ -236,6 +254,15 @@ class _SchedulerActor:
         return self.core.run_policy(name, dilation, calibrate=calibrate,
                                     max_decode_steps=max_decode_steps)
 
+    def rejected_peers(self) -> dict[str, list[dict[str, Any]]]:
+        """What the scheduler refused (handshakes, unknown peers, a name spoofed on the wrong
+        socket) and the malformed messages its known peers sent."""
+        net = self.core.net
+        peers = self.router.refusals.as_list("scheduler") + net.refusals.as_list("scheduler")
+        if self.transport is not self.router:
+            peers += self.transport.refusals.as_list("scheduler")
+        return {"peers": peers, "malformed": net.malformed.as_list("scheduler")}
+
     def partial(self):
         """The last run's records, stats and (phase, step, layer), finished or failed."""
         return self.core.partial()
@@ -269,6 +296,27 @@ class EmuCluster:
 
         infos = ray.get([a.info.remote() for a in [self.gpu, *self.units]])
         return {("gpu" if i["kind"] == "gpu" else f"ndp{i['unit']}"): i["node_id"] for i in infos}
+
+    def rejected_peers(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        """Every refusal of every actor, for ``summary.json``: ``rejected_peers`` (messages and
+        handshakes from outside the run, dropped) and ``malformed_messages`` (from the run's
+        own peers, answered), each ``{"total": n, "by_peer": [{"at", "peer", "reason",
+        "count"}, ...]}``. An actor that does not answer is skipped."""
+        import ray
+
+        actors = [self.scheduler, self.link, self.gpu, *self.units]
+        peers: list[dict[str, Any]] = []
+        malformed: list[dict[str, Any]] = []
+        for a in actors:
+            try:
+                got = ray.get(a.rejected_peers.remote(), timeout=timeout_s)
+            except Exception:  # a dead actor: its refusals are lost with it
+                continue
+            peers += got["peers"]
+            malformed += got["malformed"]
+        return {"rejected_peers": {"total": sum(r["count"] for r in peers), "by_peer": peers},
+                "malformed_messages": {"total": sum(r["count"] for r in malformed),
+                                       "by_peer": malformed}}
 
     def close(self) -> None:
         import ray

@@ -338,7 +338,7 @@ class PolicySpec:
     look-ahead (layers). ``prefill-freq-refresh`` swaps at most ``refresh_max_swaps`` cached
     experts every ``refresh_period_steps`` decode tokens. ``decayed-freq``
     (:mod:`policies.drift`) decays its activation rates with a half-life of
-    ``drift_half_life_tokens`` and swaps only for a gain above ``drift_margin`` mean rates.
+    ``drift_half_life_tokens`` and swaps only for a gain above ``drift_margin`` standard errors.
     """
 
     SECTION: ClassVar[str] = "policy"
@@ -361,7 +361,7 @@ class PolicySpec:
     refresh_period_steps: int = 32
     refresh_max_swaps: int = 16
     drift_half_life_tokens: float = 32.0
-    drift_margin: float = 2.0
+    drift_margin: float = 3.0
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -427,12 +427,13 @@ class EmulateSpec:
     re-dispatched (a dead GPU stays fatal: it holds the hidden state). ``inject``: faults to
     inject, ``;``-separated (grammar in :mod:`cluster.faults`).
 
-    ``curve``: authenticate and encrypt the zmq data plane with CURVE. The scheduler makes a
-    server keypair and one keypair per device, the keys reach the devices through Ray (never
-    over zmq), and the scheduler's socket admits only those keys, so a peer without one cannot
-    inject a message or take over a device's identity. Needs a libzmq with CURVE
-    (``zmq.has("curve")``); meant for cluster runs, allowed in local ones (which bind loopback
-    anyway).
+    ``curve`` (default true): authenticate and encrypt the zmq data plane with CURVE. The
+    scheduler and the link make server keypairs and each device a client keypair, the keys
+    reach the devices through Ray (never over zmq), and each router admits only those keys,
+    each for its own device's identities, so a peer without one cannot inject a message or
+    take over a device's identity. Needs a libzmq with CURVE (``zmq.has("curve")``; pyzmq's
+    wheels have it). ``false`` is an explicit opt-out, warned about at start: peers are then
+    told apart by the names they claim.
 
     ``charge_decision_time``: each MoE step's plan decision holds the step for the real time
     the policy took to decide (host speed, not dilated), on the critical path, in both
@@ -451,7 +452,7 @@ class EmulateSpec:
     heartbeat_timeout_s: float = 3.0
     recover: bool = False
     inject: str = ""
-    curve: bool = False
+    curve: bool = True
     charge_decision_time: bool = False
     max_wall_s: float = 900.0
 

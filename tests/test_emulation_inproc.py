@@ -317,6 +317,7 @@ def test_malformed_messages_get_an_error_reply_and_the_device_keeps_serving(lone
 def test_a_reply_that_cannot_be_delivered_is_counted_not_fatal(lone_unit, request_frames) -> None:
     """The asker disappears before the device answers: the device counts it and serves on."""
     me, server = lone_unit
+    server.peers = {**server.peers, b"ghost": server.peers[b"sched"]}  # a peer it listens to
     ghost = me._hub.endpoint(b"ghost")
     with ghost:
         ghost.send(unit_peer(0), request_frames)

@@ -148,21 +148,27 @@ def test_a_rogue_cannot_take_over_a_device_identity_to_receive_commands(keyed) -
     assert all(r.recv(0.2) is None for r in bad)
 
 
-def test_without_curve_the_same_rogue_does_take_the_identity_over() -> None:
-    """The control case: what ROUTER_HANDOVER allows when nothing is authenticated."""
-    with ZmqRouter() as router:
-        endpoint = router.bind()
-        with ZmqDealer(b"ndp0", router_id=b"sched") as legit, \
-                ZmqDealer(b"ndp0", router_id=b"sched") as rogue:
-            legit.connect(endpoint)
-            legit.send(None, encode("hello", {"peer": "ndp0"}))
-            recv_or_fail(router, T, "hello")
-            rogue.connect(endpoint)
-            rogue.send(None, encode("hello", {"peer": "ndp0"}))
-            assert recv_or_fail(router, T, "the rogue's hello")[0] == b"ndp0"
-            router.send(b"ndp0", encode("task", TASK))
-            assert recv_or_fail(rogue, T, "the hijacked command") is not None
-            assert legit.recv(0.2) is None
+def test_without_curve_a_live_identity_is_not_taken_over_unless_handover_is_on() -> None:
+    """Without CURVE nothing is authenticated; what keeps a rogue from taking a live device's
+    identity (and its commands) is that routers refuse a second connection with it. The
+    control case: ``handover=True`` (only for ``emulate.recover``) lets the rogue in."""
+    for handover in (False, True):
+        with ZmqRouter(handover=handover) as router:
+            endpoint = router.bind()
+            with ZmqDealer(b"ndp0", router_id=b"sched") as legit, \
+                    ZmqDealer(b"ndp0", router_id=b"sched", send_timeout_s=0.0) as rogue:
+                legit.connect(endpoint)
+                legit.send(None, encode("hello", {"peer": "ndp0"}))
+                recv_or_fail(router, T, "hello")
+                rogue.connect(endpoint)
+                with contextlib.suppress(EmulationError):
+                    rogue.send(None, encode("hello", {"peer": "rogue"}))
+                got = router.recv(QUIET)
+                assert (got is not None) == handover
+                router.send(b"ndp0", encode("task", TASK))
+                hijacked = rogue.recv(QUIET if handover else 0.2) is not None
+                assert hijacked == handover
+                assert (legit.recv(0.2) is None) == handover
 
 
 def test_a_device_key_speaks_only_for_its_own_identities(keyed) -> None:
@@ -245,9 +251,10 @@ def test_missing_curve_support_is_a_clear_error_before_ray_starts(monkeypatch) -
     assert not ray.is_initialized()
 
 
-def test_curve_is_a_validated_config_field() -> None:
-    assert EmulateSpec().curve is False
-    assert load_config(overrides=["emulate.curve=true"]).emulate.curve is True
+def test_curve_is_on_by_default_and_a_validated_config_field() -> None:
+    assert EmulateSpec().curve is True
+    assert load_config().emulate.curve is True
+    assert load_config(overrides=["emulate.curve=false"]).emulate.curve is False
     with pytest.raises(ConfigError, match=r"emulate\.curve = 'yes' is not allowed: must be true or false"):
         EmulateSpec(curve="yes")
     with pytest.raises(ConfigError, match=r"emulate\.curve"):
