@@ -30,8 +30,11 @@ class DecayedFrequency(PrefillFrequency):
     towards what that step routed: ``score <- decay * score + (1 - decay) * tokens routed``,
     with ``decay = 2 ** (-1 / policy.drift_half_life_tokens)``. After the step of layer l, the
     highest-scored uncached expert of layer l replaces the lowest-scored cached expert of any
-    layer when its score is higher by more than ``policy.drift_margin`` times the mean rate of
-    an expert (``batch * top_k / experts``): at most one swap per MoE step, fetched in the
+    layer when its score is higher by more than ``policy.drift_margin`` standard errors (the
+    scores are rates over an effective window of ``(1 + decay) / (1 - decay)`` tokens,
+    counted as Poisson: the difference's variance is the sum of the rates over the window;
+    so the margin adapts to the model, a wide one for a few busy experts, a narrow one for
+    many rare ones): at most one swap per MoE step, fetched in the
     background, so it arrives in the link's idle time before the layer's next step (one
     token later). Starts exactly like ``prefill-freq``; on stationary routing the margin keeps
     it from churning.
@@ -49,8 +52,10 @@ class DecayedFrequency(PrefillFrequency):
         self.score = np.zeros((L, E))
         self.cached = np.zeros((L, E), dtype=bool)
         self.decay = 2.0 ** (-1.0 / cfg.policy.drift_half_life_tokens)
-        mean_rate = cfg.workload.batch_size * cfg.model.top_k / E
-        self.margin = cfg.policy.drift_margin * mean_rate
+        # tokens an exponentially decayed average effectively counts: its variance is that of
+        # a plain mean over (1 + decay) / (1 - decay) tokens
+        self.window = (1.0 + self.decay) / (1.0 - self.decay)
+        self.z = cfg.policy.drift_margin
         self.swaps = 0
 
     def after_prefill(self, counts: np.ndarray) -> list[Key]:
@@ -77,7 +82,8 @@ class DecayedFrequency(PrefillFrequency):
             return self._admit((layer, cand))
         masked = np.where(self.cached, self.score, np.inf)
         victim = np.unravel_index(int(np.argmin(masked)), masked.shape)
-        if row[cand] <= masked[victim] + self.margin:
+        gap = row[cand] - masked[victim]
+        if gap <= 0 or gap * gap <= self.z * self.z * (row[cand] + masked[victim]) / self.window:
             return []
         vkey = (int(victim[0]), int(victim[1]))
         self.cache.remove(vkey)
