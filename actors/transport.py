@@ -167,7 +167,7 @@ class CurveKeys:
         return f"CurveKeys(public={self.public!r}, secret=<hidden>)"
 
 
-def peer_name(peer: Any, limit: int = 64) -> str:
+def peer_name(peer: Any, limit: int = 100) -> str:
     """A peer identity as printable text for a report (never trusted, never executed)."""
     if isinstance(peer, (bytes, bytearray, memoryview)):
         peer = bytes(peer).decode("ascii", "backslashreplace")

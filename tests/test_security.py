@@ -24,6 +24,7 @@ import zmq
 from fp32_bounds import assert_within, forward_tolerance
 
 from actors import transport
+from actors.clock import wall_now
 from actors.transport import CurveKeys, ZmqDealer, ZmqRouter, recv_or_fail, require_curve
 from actors.wire import decode, encode
 from cluster.config import load_config
@@ -191,6 +192,101 @@ def test_a_device_key_speaks_only_for_its_own_identities(keyed) -> None:
     assert wait_for(both_spoofs_dropped)
     assert stray == [] and heard(keyed.router, 0.2) == []
     assert keyed.router.denied == 0  # admitted by CURVE: the drop is the identity check's
+
+
+def _hostile(endpoint: str, server_key: bytes | None) -> list[Any]:
+    """What a local process can throw at a router it found: a plain DEALER ``evil`` with an
+    unknown message type, garbage, a forged ``error`` and a forged ``failed`` event; an
+    impostor ``ndp0`` re-announcing itself with a new incarnation; with the server's public key
+    (public keys are not secret), a CURVE client with a key of its own; raw bytes over TCP."""
+    made: list[Any] = []
+    keyed = [(CurveKeys.generate(), server_key)] if server_key is not None else []
+    for keys, skey in [(None, None), *keyed]:
+        for identity, frames in ((b"evil", [msgpack_frame({"v": 1, "t": "explode", "arrays": []}),
+                                            [b"\x00garbage"], encode("error", {"message": "forged"}),
+                                            encode("event", {"kind": "failed", "message": "x"})]),
+                                 (b"ndp0", [encode("hello", {"peer": "ndp0", "seq": 0,
+                                                             "incarnation": 666})])):
+            d = ZmqDealer(identity, router_id=b"sched", curve=keys, server_key=skey,
+                          send_timeout_s=0.0)
+            made.append(d)
+            d.connect(endpoint)
+            for f in frames:
+                with contextlib.suppress(EmulationError):
+                    d.send(None, f)
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    raw = socket.create_connection((host, int(port)))
+    made.append(raw)
+    with contextlib.suppress(OSError):
+        raw.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(range(256)))
+    return made
+
+
+def msgpack_frame(header: dict) -> list[bytes]:
+    import msgpack
+
+    return [msgpack.packb(header)]
+
+
+@pytest.mark.parametrize("curve", [False, True], ids=["plain", "curve"])
+def test_hostile_local_peers_are_dropped_and_recorded_by_the_scheduler_loop(curve) -> None:
+    """The scheduler's own loop (:class:`Dispatcher`) on a real zmq ROUTER, its GPU and ndp0
+    connected: strangers and an impostor throw everything at it while it waits for events.
+    It hears only its devices, and says whom it refused and why."""
+    from actors.scheduler import Dispatcher
+
+    if curve and not zmq.has("curve"):
+        pytest.skip("libzmq without CURVE")
+    k = Keyed() if curve else None
+    router = k.router if k else ZmqRouter()
+    endpoint = k.endpoint if k else router.bind()
+    net = Dispatcher(router, T, peers=[b"gpu", b"ndp0", b"ndp1"])
+    if k:
+        k.keys[b"gpu"] = k.keys.pop(b"ndp1")  # the router knows ndp1's key: give it to the gpu
+        router._bound[k.keys[b"gpu"].public.decode()] = frozenset({b"gpu"})
+        gpu, ndp0 = k.device(b"gpu"), k.device(b"ndp0")
+    else:
+        gpu, ndp0 = ZmqDealer(b"gpu", router_id=b"sched"), ZmqDealer(b"ndp0", router_id=b"sched")
+        for d in (gpu, ndp0):
+            d.connect(endpoint)
+    made: list[Any] = []
+    try:
+        for d, name in ((gpu, "gpu"), (ndp0, "ndp0")):
+            d.send(None, encode("hello", {"peer": name, "seq": 0, "incarnation": 1}))
+        while set(net.incarnation) != {b"gpu", b"ndp0"}:
+            net._handle(*recv_or_fail(router, T, "hellos"), "start-up")
+        made = _hostile(endpoint, k.server.public if k else None)
+        time.sleep(0.5)  # let every hostile message and handshake arrive first
+        gpu.send(None, encode("event", {"kind": "done"}))
+        peer, ev = net.next_event("the GPU's event", timeout_s=T)
+        assert (peer, ev.fields["kind"]) == (b"gpu", "done")
+        net.idle_until(wall_now() + 0.3, "the rest")  # a ROUTER takes its peers in turns
+        assert net.incarnation[b"ndp0"] == 1 and not net.down  # ndp0 was not declared dead
+        router.send(b"ndp0", encode("ping", {"seq": 9}))  # ndp0's commands still reach ndp0
+        assert decode(recv_or_fail(ndp0, T, "a ping")[1]).fields["seq"] == 9
+        refused = router.refusals.as_list("scheduler") + net.refusals.as_list("scheduler")
+        reasons = {(r["peer"].split(" ")[0] if "key" not in r["peer"] else "key", r["reason"])
+                   for r in refused}
+        if curve:  # nothing got past the handshake
+            assert net.refusals.total == 0
+            assert ("key", "unknown CURVE key (ZAP refused)") in reasons, refused
+            assert any("mechanism mismatch" in r for _, r in reasons), refused
+            assert any(r["peer"].endswith("127.0.0.1") for r in refused if "key" in r["peer"])
+        else:  # evil's four messages, dropped by name; the impostor refused by zmq itself;
+            # the raw bytes parse as an old ZMTP 1.0 peer whose "identity" is some of them
+            assert {r for _, r in reasons} == {"unknown peer"}, refused
+            assert [r["count"] for r in refused if r["peer"] == "evil"] == [4], refused
+            assert not any(r["peer"].startswith("ndp0") for r in refused)
+        assert net.malformed.total == 0
+    finally:
+        for m in made:
+            m.close()
+        if k:
+            k.close()
+        else:
+            gpu.close()
+            ndp0.close()
+            router.close()
 
 
 @needs_curve
