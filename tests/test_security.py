@@ -439,3 +439,93 @@ def test_a_local_curve_run_listens_on_loopback_only_and_computes_the_reference(r
         for r in rogue_sockets:
             r.close()
         cluster.close()
+
+
+class _Attack:
+    """Hostile local peers against a live run, for as long as it runs: every ``every_s`` a new
+    round of :func:`_hostile` against the scheduler's and the link's routers."""
+
+    def __init__(self, every_s: float = 0.2) -> None:
+        self.every_s = every_s
+        self.rounds = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self, ray: Any, cluster: Any) -> None:
+        sched = ray.get(cluster.scheduler.endpoint.remote())
+        link = ray.get(cluster.link.__ray_call__.remote(lambda a: a.router.endpoint))
+        keys = ray.get(cluster.scheduler.curve_keys.remote())
+        server_key = None if keys is None else keys[0]  # public; the link's is another one
+        self._thread = threading.Thread(target=self._run, args=([sched, link], server_key),
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, endpoints: list[str], server_key: bytes | None) -> None:
+        try:
+            while not self._stop.is_set():
+                made = [m for ep in endpoints for m in _hostile(ep, server_key)]
+                self.rounds += 1
+                self._stop.wait(self.every_s)
+                for m in made:
+                    m.close()
+        except BaseException as exc:  # reported by the test, not lost in a thread
+            self.error = exc
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("curve", ["default", "false"])
+def test_a_run_under_attack_finishes_with_the_reference_outputs_and_counts_refusals(
+        ray_local, tmp_path, monkeypatch, curve) -> None:
+    """The red team's cases against a default run (CURVE on) and against the explicit opt-out:
+    local processes throw unknown message types, garbage, a forged ``error`` from ``evil`` and
+    an impostor ``ndp0`` hello with a new incarnation at the scheduler and the link all run
+    long. The run finishes, its outputs equal the reference, and summary.json says whom it
+    refused."""
+    import json
+
+    from cluster import launch, runner
+
+    attack = _Attack()
+    real_start = launch.start
+
+    def start_then_attack(*args: Any, **kwargs: Any) -> Any:
+        cluster = real_start(*args, **kwargs)
+        attack.start(ray_local, cluster)
+        return cluster
+
+    monkeypatch.setattr(launch, "start", start_then_attack)
+    sets = ["workload.prompt_tokens=6", "workload.output_tokens=3",
+            "weights.memory_budget_bytes=67108864", "emulate.dilation=20"]
+    if curve == "false":
+        sets.append("emulate.curve=false")
+    cfg = load_config(model="olmoe-1b-7b", overrides=sets)
+    try:
+        res = runner.run(cfg, ["tp"], engine="emulate", out=tmp_path / "run", progress=False,
+                         plots=False)
+    finally:
+        attack.stop()
+    assert attack.error is None, attack.error
+    assert attack.rounds >= 3
+    summary = json.loads((res.run_dir / "summary.json").read_text())
+    assert summary["status"] == "ok"
+    assert summary["emulation"]["curve"] is (curve == "default")
+    assert summary["policies"]["tp"]["output_rel_error"] <= 1e-4
+    rej = summary["rejected_peers"]
+    assert rej["total"] > 0 and rej["total"] == sum(r["count"] for r in rej["by_peer"])
+    at = {r["at"] for r in rej["by_peer"]}
+    assert {"scheduler", "link"} <= at, rej
+    reasons = {r["reason"] for r in rej["by_peer"]}
+    if curve == "default":
+        assert "unknown CURVE key (ZAP refused)" in reasons, rej
+        assert "handshake failed: zmtp mechanism mismatch" in reasons, rej
+        assert all(r["peer"] != "evil" for r in rej["by_peer"])  # none got as far as a message
+    else:
+        assert {"scheduler", "link"} <= {r["at"] for r in rej["by_peer"]
+                                         if r["peer"] == "evil" and r["reason"] == "unknown peer"}
+    assert summary["malformed_messages"]["total"] == 0  # the run's own peers sent none
