@@ -50,7 +50,8 @@ def test_on_drifting_routing_it_beats_paper_toward_the_oracle() -> None:
     r = build_routing(cfg)
     paper, drift, oracle = (_e2e(cfg, r, p) for p in ("paper", "paper-drift", "tp-lb+oracle"))
     assert oracle < drift < paper
-    assert (paper - drift) / (paper - oracle) > 0.25  # 32% at this short length, 57% at 512/512
+    # short: 64 in / 192 out; at 512 / 512, in ndpmoe reproduce, 58-81% of the gap
+    assert (paper - drift) / (paper - oracle) > 0.25
 
 
 def test_on_stationary_routing_it_stays_within_one_percent_of_paper() -> None:

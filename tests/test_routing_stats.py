@@ -79,6 +79,7 @@ def test_routing_stats_on_the_real_flame_trace(trace_path: Path, capsys) -> None
     assert 0.10 < st.values["prefill_top10"] < 0.2
 
 
+@pytest.mark.slow
 def test_fit_on_the_real_flame_trace_matches_its_statistics_and_draws_the_curves(
         trace_path: Path, tmp_path: Path, capsys) -> None:
     png = tmp_path / "flame.png"
@@ -92,6 +93,7 @@ def test_fit_on_the_real_flame_trace_matches_its_statistics_and_draws_the_curves
     assert f.error < 0.02  # within 2 points RMS over the statistics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("true", [
     {"alpha": 1.0, "reuse": 0.2, "drift": 0.02, "drift_jump": 0.4},
     {"alpha": 0.5, "reuse": 0.05, "drift": 0.003, "drift_jump": 0.7},
