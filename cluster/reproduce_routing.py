@@ -84,7 +84,8 @@ def derive(tables: dict[str, list[dict[str, Any]]]) -> None:
         r["speedup_vs_monde"] = monde / r["e2e_latency_s"]
         r["gain_vs_paper"] = paper / r["e2e_latency_s"] - 1
         gap = paper - oracle
-        r["gap_closed"] = (paper - r["e2e_latency_s"]) / gap if gap > 0 else float("nan")
+        if gap > 0:  # left out where undefined (no oracle, or no gap): rows compare equal
+            r["gap_closed"] = (paper - r["e2e_latency_s"]) / gap
     rows = tables.get("odmoe_link", [])
     lat = {(r["link_factor"], r["policy"]): r["e2e_latency_s"] for r in rows}
     for r in rows:
@@ -100,7 +101,7 @@ def summary(rows: Sequence[dict[str, Any]], routing: str) -> dict[str, Any]:
         return {}
 
     def of(p: str, k: str) -> list[float]:
-        return [r[k] for r in pts if r["policy"] == p]
+        return [r[k] for r in pts if r["policy"] == p and k in r]
 
     def mean(p: str, k: str) -> float:
         v = of(p, k)
