@@ -57,6 +57,9 @@ class DecayedFrequency(PrefillFrequency):
         self.window = (1.0 + self.decay) / (1.0 - self.decay)
         self.z = cfg.policy.drift_margin
         self.swaps = 0
+        # lowest-scored cached expert per layer: a layer's scores change only at its own step
+        self.low = np.full(L, np.inf)
+        self.low_at = np.zeros(L, dtype=np.int64)
 
     def after_prefill(self, counts: np.ndarray) -> list[Key]:
         P = max(1, self.ctx.cfg.workload.prompt_tokens)
@@ -64,7 +67,14 @@ class DecayedFrequency(PrefillFrequency):
         keys = super().after_prefill(counts)
         for lay, e in keys:
             self.cached[lay, e] = True
+        for lay in range(self.num_layers):
+            self._lowest(lay)
         return keys
+
+    def _lowest(self, layer: int) -> None:
+        row = np.where(self.cached[layer], self.score[layer], np.inf)
+        e = int(np.argmin(row))
+        self.low[layer], self.low_at[layer] = row[e], e
 
     def after_step(self, layer: int, step: int, routed: Mapping[int, int],
                    fetched: Iterable[int]) -> list[Key]:
@@ -74,24 +84,27 @@ class DecayedFrequency(PrefillFrequency):
             row[e] += (1.0 - self.decay) * n
         if self.cache.capacity == 0:
             return []
+        self._lowest(layer)
         free = ~self.cached[layer]
         if not free.any():
             return []
         cand = int(np.argmax(np.where(free, row, -np.inf)))
         if not self.cache.full:
             return self._admit((layer, cand))
-        masked = np.where(self.cached, self.score, np.inf)
-        victim = np.unravel_index(int(np.argmin(masked)), masked.shape)
-        gap = row[cand] - masked[victim]
-        if gap <= 0 or gap * gap <= self.z * self.z * (row[cand] + masked[victim]) / self.window:
+        vl = int(np.argmin(self.low))  # ties: lowest layer, then lowest expert
+        worst = self.low[vl]
+        gap = row[cand] - worst
+        if gap <= 0 or gap * gap <= self.z * self.z * (row[cand] + worst) / self.window:
             return []
-        vkey = (int(victim[0]), int(victim[1]))
+        vkey = (vl, int(self.low_at[vl]))
         self.cache.remove(vkey)
         self.cached[vkey] = False
+        self._lowest(vl)
         return self._admit((layer, cand))
 
     def _admit(self, key: Key) -> list[Key]:
         self.cache.add(key)
         self.cached[key] = True
+        self._lowest(key[0])
         self.swaps += 1
         return [key]
