@@ -204,6 +204,8 @@ class Oracle(Prefetcher):
 
     needs_future = True
 
+    NEVER = 1 << 60
+
     def __init__(self, ctx: PrefetchContext) -> None:
         super().__init__(ctx)
         if ctx.future is None:
@@ -215,12 +217,42 @@ class Oracle(Prefetcher):
                     self.next_use.setdefault((lay, e), []).append(s)
         for uses in self.next_use.values():
             uses.reverse()  # pop() from the end gives the soonest
+        # the next use after the latest step of every key, and which keys are cached: the
+        # Belady victim is then one masked argmax instead of a scan of the cache in Python
+        L, E = self.num_layers, ctx.cfg.model.num_experts
+        self.E = E
+        self.nxt = np.full((L, E), self.NEVER, dtype=np.int64)
+        for (lay, e), uses in self.next_use.items():
+            self.nxt[lay, e] = uses[-1]
+        self.held = np.zeros((L, E), dtype=bool)
+        self.now = -1  # the step ``nxt`` is up to date for
 
     def _next(self, key: Key, step: int) -> int:
         uses = self.next_use.get(key)
         while uses and uses[-1] <= step:
             uses.pop()
-        return uses[-1] if uses else 1 << 60
+        return uses[-1] if uses else self.NEVER
+
+    def _advance(self, step: int) -> None:
+        """``nxt`` for ``step``: only keys used at steps up to it move on (to their next use)."""
+        while self.now < step:
+            self.now += 1
+            if self.now < len(self.ctx.future):  # type: ignore[arg-type]
+                for lay, routed in enumerate(self.ctx.future[self.now]):  # type: ignore[index]
+                    for e in routed:
+                        self.nxt[lay, e] = self._next((lay, e), self.now)
+
+    def _victim(self) -> Key:
+        """The cached key used furthest in the future (ties: the largest key), as
+        ``max(cache, key=(next use, key))`` would pick it."""
+        masked = np.where(self.held, self.nxt, -1)
+        far = masked.max()
+        flat = int(np.flatnonzero(masked.ravel() == far)[-1])
+        return (flat // self.E, flat % self.E)
+
+    def _add(self, key: Key) -> None:
+        self.cache.add(key)
+        self.held[key] = True
 
     def after_prefill(self, counts: np.ndarray) -> list[Key]:
         L, E = self.ctx.cfg.model.num_layers, self.ctx.cfg.model.num_experts
@@ -229,18 +261,23 @@ class Oracle(Prefetcher):
             for lay, routed in enumerate(layers):
                 for e, n in routed.items():
                     future[lay, e] += n
-        return self._fill_by_rank(future)
+        keys = self._fill_by_rank(future)
+        for k in keys:
+            self.held[k] = True
+        return keys
 
     def after_step(self, layer, step, routed, fetched) -> list[Key]:
         for e in fetched:
             key = (layer, e)
             if key in self.cache or self.cache.capacity == 0:
                 continue
-            nxt = self._next(key, step)
+            self._advance(step)
+            nxt = int(self.nxt[key])
             if self.cache.full:
-                victim = max(self.cache, key=lambda k: (self._next(k, step), k))
-                if self._next(victim, step) <= nxt:
+                victim = self._victim()
+                if self.nxt[victim] <= nxt:
                     continue
                 self.cache.remove(victim)
-            self.cache.add(key)
+                self.held[victim] = False
+            self._add(key)
         return []

@@ -261,8 +261,9 @@ def test_registry_names_every_policy_and_refuses_unknown_or_duplicate_names() ->
     assert set(SCHEDULERS) == {"ep", "monde", "tp", "tp-lb", "eplb", "monde-tp"}
     assert set(policies.names("prefetcher")) == {
         "none", "lru", "lfu", "profiled", "oracle", "prefill-freq",
-        "context-aware", "od-moe", "expertflow", "prefill-freq-refresh"}
-    assert set(policies.combos()) == {"paper", "context-aware", "od-moe", "expertflow", "paper-refresh"}
+        "context-aware", "od-moe", "expertflow", "prefill-freq-refresh", "decayed-freq"}
+    assert set(policies.combos()) == {"paper", "context-aware", "od-moe", "expertflow", "paper-refresh",
+                                      "paper-drift"}
     assert policies.resolve("paper") == policies.PolicyChoice("paper", "tp-lb", "prefill-freq")
     assert policies.resolve("tp") == policies.PolicyChoice("tp", "tp", "none")
     assert policies.resolve("ep+lru") == policies.PolicyChoice("ep+lru", "ep", "lru")
