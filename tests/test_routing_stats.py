@@ -167,3 +167,13 @@ def test_presets_reproduce_the_measured_statistics_within_5_points(name, table, 
     got = rs.measure(ids, prompt, model.num_experts, decode).values
     for stat, (lo, hi) in table.items():
         assert lo - TOLERANCE <= got[stat] <= hi + TOLERANCE, (name, stat, got[stat], (lo, hi))
+
+
+def test_a_flat_trace_is_one_sequence(tmp_path: Path, capsys) -> None:
+    model = ModelSpec(name="m", num_layers=2, num_experts=16, top_k=2)
+    ids = trace(model, prompt_tokens=20, output_tokens=21, seed=1)[0]  # [tokens, layers, k]
+    path = tmp_path / "flat.npz"
+    np.savez(path, topk_ids=ids)
+    assert main(["routing-stats", str(path), "--prompt", "20", "--experts", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "1 sequence(s) x 40 positions" in out and "decode 20 measured" in out
