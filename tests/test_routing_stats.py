@@ -68,7 +68,7 @@ def test_stationary_routing_has_the_prefill_predict_the_decode_and_drift_does_no
 
 def test_routing_stats_on_the_real_flame_trace(trace_path: Path, capsys) -> None:
     assert main(["routing-stats", str(trace_path)]) == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps at its width
     assert "64 sequence(s) x 10 positions" in out and "8 layers, 64 experts, top-6" in out
     for label in ("prefill's top-10%", "own top-10%", "used at least once", "uniform 9.4%"):
         assert label in out
@@ -175,5 +175,5 @@ def test_a_flat_trace_is_one_sequence(tmp_path: Path, capsys) -> None:
     path = tmp_path / "flat.npz"
     np.savez(path, topk_ids=ids)
     assert main(["routing-stats", str(path), "--prompt", "20", "--experts", "16"]) == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps at its width
     assert "1 sequence(s) x 40 positions" in out and "decode 20 measured" in out
