@@ -616,11 +616,12 @@ REPLY_CACHE = 32  # replies kept for retried task ids: retries concern the last 
 SPIN_FREE_S = 1e-3  # a hold closer than this is slept out with time.sleep, not polled
 
 
-# who may tell a device what: the scheduler commands it, the link only delivers transfers
-# (an ``error`` is a peer's answer to something this device sent: counted, never answered)
+# who may tell a device what: the scheduler commands it, the link delivers transfers (and
+# credits them); an ``error`` is a peer's answer to something this device sent: counted,
+# never answered
 DEVICE_PEERS: dict[bytes, frozenset[str]] = {
     SCHED_PEER: frozenset({"task", "cmd", "ping", "shutdown", "error"}),
-    LINK_PEER: frozenset({"data", "error"}),
+    LINK_PEER: frozenset({"data", "cmd", "error"}),  # transfers, and credits for them
 }
 
 

@@ -243,6 +243,8 @@ class LinkSchedule:
     def pop_due(self, now_s: float) -> Transfer | None:
         """The transfer that completes first, if that is no later than ``now_s``; its
         completion becomes ``base_s``."""
+        if len(self.pending) == 1:
+            return self._pop_only(now_s)
         nd = self.next_due()
         if nd is None or nd[0] > now_s:
             return None
@@ -258,6 +260,32 @@ class LinkSchedule:
         t.remaining_s = 0.0
         self._plan = None
         t.done_s = done_s  # type: ignore[attr-defined]
+        return t
+
+    def _pop_only(self, now_s: float) -> Transfer | None:
+        """:meth:`pop_due` when one transfer is pending (the usual case between a step's
+        traffic and the next): it is served alone from ``max(base, its arrival)``, so its
+        completion is known without simulating -- the same segments, stamps and ``base_s``
+        as the general path, for a fraction of its cost per message."""
+        ((xid, t),) = self.pending.items()
+        start = max(self.base_s, t.arrive_s)
+        done = start + (t.remaining_s if t.remaining_s >= EPS_S else 0.0)
+        self._plan = (done, xid)
+        if done > now_s:
+            return None
+        if done > start:
+            sv = t.served
+            if sv and sv[-1][1] == start:
+                sv[-1] = (sv[-1][0], done)
+            else:
+                sv.append((start, done))
+        del self.pending[xid]
+        self._heap.clear()  # every entry left is stale now
+        self._future.clear()
+        self.base_s = max(self.base_s, done)
+        self._plan = None
+        t.remaining_s = 0.0
+        t.done_s = done  # type: ignore[attr-defined]
         return t
 
     def plan(self) -> list[tuple[float, int]]:

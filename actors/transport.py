@@ -353,10 +353,12 @@ class _ZmqSocket:
         if self._closed:
             raise EmulationError("receive on a closed transport")
         ms = _timeout_ms(timeout_s)
-        if ms != self._rcvtimeo:
-            self._sock.setsockopt(zmq.RCVTIMEO, ms)
-            self._rcvtimeo = ms
         try:
+            if ms == 0:  # a loop's "anything else there?": no socket option to flip each time
+                return self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            if ms != self._rcvtimeo:
+                self._sock.setsockopt(zmq.RCVTIMEO, ms)
+                self._rcvtimeo = ms
             return self._sock.recv_multipart(copy=False)
         except zmq.Again:
             return None
