@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
@@ -254,6 +254,9 @@ def _int(f: dict[str, Any], name: str) -> int:
     return v
 
 
+SHIP_WINDOW = 4  # prefetch transfers a unit keeps at the link (flow control by credits)
+
+
 class NdpUnit(Device):
     """NDP unit ``unit``: holds slices of experts (generated from the seed) and runs them."""
 
@@ -267,6 +270,8 @@ class NdpUnit(Device):
         super()._new_run()
         self.cmds: dict[int, wire.Message] = {}
         self.acts: dict[int, wire.Message] = {}
+        self.backlog: deque[tuple[dict[str, Any], list[int]]] = deque()  # prefetches to hand over
+        self.window = SHIP_WINDOW  # prefetches it may have at the link, not yet delivered
 
     def slice(self, layer: int, expert: int, lo: int, hi: int) -> K.ExpertWeights:
         """The weights of true columns ``[lo, hi)`` of an expert, generated once and kept."""
@@ -311,6 +316,11 @@ class NdpUnit(Device):
             self.cmds[int(f["seq"])] = msg
         elif msg.type == "cmd" and f["kind"] == "ship":
             self._ship(f)
+        elif msg.type == "cmd" and f["kind"] == "expedite":
+            self._expedite({int(p) for p in f.get("pids", [])})
+        elif msg.type == "cmd" and f["kind"] == "credit":  # the link delivered one of ours
+            self.window += 1
+            self._pump()
         elif msg.type == "data" and f["kind"] == "activation":
             a = msg.arrays
             if len(a) != 1 or a[0].ndim != 2 or a[0].shape[1] != self.sm.d_model_s:
@@ -344,13 +354,45 @@ class NdpUnit(Device):
                     or not (0 <= it[0] < m.num_layers and 0 <= it[1] < m.num_experts
                             and 0 <= it[2] < it[3] <= d_ff)):
                 raise ProtocolError(f"{self.name}: bad ship item {it!r}")
-        for layer, expert, lo, hi, pid, order in f["items"]:
-            w = self.slice(layer, expert, lo, hi)
-            true_bytes = int(self.cost.expert_bytes * (hi - lo) / d_ff)
-            self.send_link({"kind": f["class"], "dst": "gpu", "at_s": float(f["at_s"]),
-                            "true_bytes": true_bytes, "order": int(order), "pid": int(pid),
-                            "seq": int(f.get("seq", -1)), "layer": layer, "expert": expert,
-                            "lo": lo, "hi": hi, "label": f"L{layer} e{expert}"}, list(w))
+        if f["class"] == "prefetch":  # handed over as the link drains them (credits)
+            self.backlog.extend((f, it) for it in f["items"])
+            self._pump()
+            return
+        for it in f["items"]:
+            self._send_weights(f, it)
+
+    def _pump(self) -> None:
+        """Prefetch weights go to the link at most ``SHIP_WINDOW`` at a time, a credit from
+        the link per delivery making room for the next. A unit gets a thousand prefetch
+        orders at the end of a prefill: sent at once they would fill the link's memory and
+        hold up the next step's traffic behind their handling, for transfers the link would
+        serve one after the other anyway. Their link arrival is their order's stamp either
+        way, so first come first served is kept."""
+        while self.window > 0 and self.backlog:
+            f, it = self.backlog.popleft()
+            self._send_weights(f, it, windowed=True)
+            self.window -= 1
+
+    def _expedite(self, pids: set[int]) -> None:
+        """Prefetches the scheduler upgraded to fetches go to the link now, outside the
+        window (the link credits only what was sent under it)."""
+        keep = deque()
+        for f, it in self.backlog:
+            if it[4] in pids:
+                self._send_weights(f, it)
+            else:
+                keep.append((f, it))
+        self.backlog = keep
+
+    def _send_weights(self, f: dict[str, Any], it: list[int], windowed: bool = False) -> None:
+        layer, expert, lo, hi, pid, order = it
+        w = self.slice(layer, expert, lo, hi)
+        true_bytes = int(self.cost.expert_bytes * (hi - lo) / self.sm.model.d_ff)
+        self.send_link({"kind": f["class"], "dst": "gpu", "at_s": float(f["at_s"]),
+                        "true_bytes": true_bytes, "order": int(order), "pid": int(pid),
+                        "seq": int(f.get("seq", -1)), "layer": layer, "expert": expert,
+                        "lo": lo, "hi": hi, "label": f"L{layer} e{expert}",
+                        "windowed": windowed}, list(w))
 
     def _program(self) -> Program:
         """Forever: the next step that has both its command and its activations."""

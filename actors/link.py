@@ -51,6 +51,7 @@ KINDS = ("activation", "partial", "fetch", "prefetch")
 LINK_PEER = b"link"
 EPS_S = 1e-9  # wall seconds: a transfer owing less than this is complete
 MAX_INTERVALS = 100_000  # served segments kept for the trace, per run
+BATCH = 16  # messages the link takes in between two looks at what is due
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Transfer:
     frames: list[Any] = field(default_factory=list)
     seq: int = -1  # the MoE step it belongs to (-1: background)
     served: list[tuple[float, float]] = field(default_factory=list)
+    src: bytes = b""  # the device that handed it over
 
     def key(self) -> tuple:
         return (self.cls, self.arrive_s, self.order, self.recv_seq)
@@ -371,15 +373,16 @@ class HostLink:
             nbytes = int(f["true_bytes"])
             tr = Transfer(next(self._xids), kind, cls, float(f["at_s"]), int(f.get("order", 0)), 0,
                           0.0 if self.bypass else self.service_s(nbytes), nbytes,
-                          f["dst"].encode(), list(frames), int(f.get("seq", -1)))
+                          f["dst"].encode(), list(frames), int(f.get("seq", -1)), src=sender)
             tr.label = f.get("label", kind)  # type: ignore[attr-defined]
+            tr.windowed = bool(f.get("windowed", False))  # type: ignore[attr-defined]
             pid = f.get("pid")
             if pid is not None:
                 pid = int(pid)
                 if pid in self.early_cancels:  # cancelled before it reached the link
                     self.early_cancels.discard(pid)
                     self.stats.cancelled += 1
-                    return []
+                    return [_credit(sender)] if f.get("windowed") else []
                 tr.pid = pid  # type: ignore[attr-defined]
                 self.by_pid[pid] = tr.xid
                 up = self.early_upgrades.pop(pid, None)
@@ -396,13 +399,16 @@ class HostLink:
             kind = f["kind"]
             at = min(float(f.get("at_s", self.sched.base_s)), self.now())
             if kind == "cancel":
+                out = []
                 for pid in f["pids"]:
                     x = self.by_pid.pop(int(pid), None)
                     if x is None:
                         self.early_cancels.add(int(pid))
-                    elif self.sched.cancel(x, at) is not None:
+                    elif (t := self.sched.cancel(x, at)) is not None:
                         self.stats.cancelled += 1
-                return []
+                        if getattr(t, "windowed", False):
+                            out.append(_credit(t.src))
+                return out
             if kind == "upgrade":
                 for pid, order in f["items"]:
                     x = self.by_pid.get(int(pid))
@@ -431,6 +437,8 @@ class HostLink:
                 for a, b in t.served:  # the run's engine keeps those of the traced steps
                     self.stats.intervals.append([kind, getattr(t, "label", kind), a, b, t.seq])
             out.append((t.dst, _restamp(t.frames, done)))
+            if getattr(t, "windowed", False) and t.src:
+                out.append(_credit(t.src))  # its unit may hand over the next one
         return out
 
     def report(self) -> dict[str, Any]:
@@ -442,6 +450,10 @@ class HostLink:
                 "late_total_s": self.sched.late_total_s,
                 "delivery_lag_max_s": s.delivery_lag_max_s,
                 "pending": len(self.sched.pending), "intervals": s.intervals}
+
+
+def _credit(unit: bytes) -> tuple[bytes, list]:
+    return unit, wire.encode("cmd", {"kind": "credit"})
 
 
 def _restamp(frames: list[Any], at_s: float) -> list:
@@ -581,11 +593,18 @@ class LinkServer:
                 if 0 < left <= 1e-3:
                     time.sleep(left)
                 continue
-            while got is not None:  # take everything already here before re-planning
+            # take what is already here before re-planning, but a bounded batch: a burst of
+            # a thousand prefetches must not hold up a delivery that is due
+            for _ in range(BATCH):
                 if self._handle(*got):
                     self._stop.set()
                     break
                 got = self.tr.recv(0.0)
+                if got is None:
+                    break
+            else:
+                if got is not None:
+                    self._handle(*got)
         self._stop.set()
 
     def start(self) -> threading.Thread:

@@ -656,6 +656,12 @@ class PolicyRun:
             net.post(LINK_PEER, "cancel", {"pids": cancel, "at_s": at})
         if upgrades:
             net.post(LINK_PEER, "upgrade", {"items": upgrades, "at_s": at})
+            by_unit: dict[int, list[int]] = {}
+            for (lay, e), pid in self.inflight.items():
+                if lay == layer and any(pid == p for p, _ in upgrades):
+                    by_unit.setdefault(e % N, []).append(pid)
+            for u, pids in sorted(by_unit.items()):  # still queued at the unit: send them next
+                net.post(unit_peer(u), "expedite", {"pids": pids})
         for u, items in sorted(ships.items()):
             net.post(unit_peer(u), "ship", {"class": "fetch", "items": items, "at_s": at, "seq": seq})
         for u, items in sorted(pre.items()):

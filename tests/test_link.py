@@ -104,10 +104,13 @@ def test_the_link_charges_true_bytes_by_kind_and_restamps_deliveries() -> None:
     link.reset({"dilation": 10.0, "latency_s": 1e-6, "bw_bytes_per_s": 1e9,
                 "prefetch_class": CLASS_PREFETCH, "base_s": 0.0})
     for kind, dst, n in (("prefetch", "gpu", 10_000), ("activation", "ndp0", 1000)):
-        msg, frames = _data(kind, dst, 0.0, n, pid=7 if kind == "prefetch" else None)
+        msg, frames = _data(kind, dst, 0.0, n, pid=7 if kind == "prefetch" else None,
+                            windowed=kind == "prefetch")
         link.on_message(b"x", msg, frames)
     out = link.due(1e9)
-    assert [p for p, _ in out] == [b"ndp0", b"gpu"]
+    # deliveries in order, and a credit back to the unit that handed over the prefetch
+    assert [(p, wire.decode(f).type) for p, f in out] == [(b"ndp0", "data"), (b"gpu", "data"),
+                                                        (b"x", "cmd")]
     act = wire.decode(out[0][1])
     assert act.fields["at_s"] == pytest.approx(10.0 * (1e-6 + 1000 / 1e9))  # D x (lat + B / bw)
     assert link.stats.bytes == {"activation": 1000, "partial": 0, "fetch": 0, "prefetch": 10_000}
