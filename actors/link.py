@@ -550,7 +550,7 @@ class LinkServer:
             self.refusals.add(peer, "unknown peer")  # not a peer of this run: no answer
             return False
         try:
-            msg = wire.decode(frames)
+            msg = wire.decode(frames, views=False)  # the frames travel on as they are
             self._check(peer, msg)
             if msg.type == "error":
                 self.rejected += 1

@@ -267,17 +267,22 @@ def _as_bytes_view(frame: Any, what: str, index: int | None = None) -> memoryvie
     return view
 
 
-def decode(frames: Sequence[Any], *, max_array_bytes: int = DEFAULT_MAX_ARRAY_BYTES) -> Message:
-    """Parse and validate one message; raises :class:`ProtocolError` and nothing else."""
+def decode(frames: Sequence[Any], *, max_array_bytes: int = DEFAULT_MAX_ARRAY_BYTES,
+           views: bool = True) -> Message:
+    """Parse and validate one message; raises :class:`ProtocolError` and nothing else.
+
+    ``views=False``: the array frames are checked as always (dtype, shape, byte count) but no
+    array is made (``arrays`` is empty), for a forwarder that passes the frames on untouched.
+    """
     try:
-        return _decode(frames, max_array_bytes)
+        return _decode(frames, max_array_bytes, views)
     except ProtocolError:
         raise
     except Exception as exc:  # a path the checks below missed must still not crash an actor
         raise ProtocolError(f"malformed message: {type(exc).__name__}: {exc}") from exc
 
 
-def _decode(frames: Sequence[Any], max_array_bytes: int) -> Message:
+def _decode(frames: Sequence[Any], max_array_bytes: int, views: bool = True) -> Message:
     if type(frames) is not list and (
         not isinstance(frames, Sequence) or isinstance(frames, (bytes, bytearray, memoryview, str))
     ):
@@ -337,6 +342,8 @@ def _decode(frames: Sequence[Any], max_array_bytes: int) -> Message:
             raise ProtocolError(
                 f"array {i}: {dtype.name}{tuple(shape)} needs {expected} bytes, frame has {buf.nbytes}"
             )
+        if not views:
+            continue
         arr = np.frombuffer(buf, dtype=dtype)
         arrays.append(arr if len(shape) == 1 else arr.reshape(shape))
     return Message(msg_type, fields, arrays)

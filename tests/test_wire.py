@@ -22,6 +22,7 @@ from actors.wire import (
     decode,
     encode,
     register_message,
+    restamp,
 )
 from cluster.errors import ProtocolError
 
@@ -369,3 +370,21 @@ def test_data_plane_pulls_in_no_ray_and_the_codec_no_zmq():
         "import actors.transport; assert 'ray' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_forwarder_checks_the_arrays_without_viewing_them_and_restamps_the_header_only():
+    zmq = pytest.importorskip("zmq")
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+    frames = [zmq.Frame(f) for f in encode("data", {"kind": "partial", "at_s": 1.0}, [arr])]
+    msg = decode(frames, views=False)
+    assert (msg.type, msg.arrays) == ("data", [])
+    with pytest.raises(ProtocolError, match="needs 48 bytes"):
+        decode([frames[0], b"\0" * 8], views=False)  # still checked
+    out = restamp(frames, {"at_s": 2.5})
+    assert out[1] is frames[1]  # the payload frame goes out as it came in
+    again = decode(out)
+    assert again.fields == {"kind": "partial", "at_s": 2.5}
+    np.testing.assert_array_equal(again.arrays[0], arr)
+    for bad in ({"at_s": float("nan")}, {"t": "error"}):
+        with pytest.raises(ProtocolError):
+            restamp(frames, bad)
