@@ -239,17 +239,22 @@ class _Gatekeeper:
                     raise EmulationError(f"cannot start the CURVE authenticator: {exc} "
                                          "(one CURVE router per zmq context)") from exc
                 time.sleep(0.005)
+        made = [self.zap]
         try:
             self.mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                                                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+            made.append(self.mon)
             pipe = f"inproc://ndpmoe-gate-{uuid.uuid4().hex}"
             self._stop_rx = ctx.socket(zmq.PAIR)
+            made.append(self._stop_rx)
             self._stop_rx.bind(pipe)
             self._stop_tx = ctx.socket(zmq.PAIR)
+            made.append(self._stop_tx)
             self._stop_tx.setsockopt(zmq.LINGER, 0)
             self._stop_tx.connect(pipe)
         except BaseException:
-            self.zap.close(linger=0)
+            for s in made:  # a context with a socket left open never terminates
+                s.close(linger=0)
             raise
         self._sock = sock
         self.thread = threading.Thread(target=self._run, name="ndpmoe-zap", daemon=True)

@@ -113,9 +113,13 @@ def _drain(ep: InprocEndpoint, within_s: float = 0.0) -> list[tuple[bytes, wire.
     return out
 
 
-def _round_trip(me: InprocEndpoint, peer: bytes, seq: int) -> list[tuple[bytes, wire.Message | None]]:
+_SEQS = iter(range(1000, 1 << 30))  # above any fuzzed ping's: a pong is told apart by it
+
+
+def _round_trip(me: InprocEndpoint, peer: bytes) -> list[tuple[bytes, wire.Message | None]]:
     """Pings ``peer`` from ``me`` and returns what came before the pong (the loop's answers to
     what was sent earlier); fails if the loop went silent."""
+    seq = next(_SEQS)
     me.send(peer, wire.encode("ping", {"seq": seq}))
     before = []
     while True:
@@ -155,7 +159,7 @@ def test_a_device_answers_its_peers_malformed_messages_and_ignores_strangers(uni
     assume(not (msg is not None and msg.type == "shutdown"))
     refused, malformed, handled = server.refusals.total, server.malformed.total, server.handled
     eps[sender].send(unit_peer(0), frames)
-    before = _round_trip(eps[b"sched"], unit_peer(0), 1)  # the device still serves
+    before = _round_trip(eps[b"sched"], unit_peer(0))  # the device still serves
     assert server._thread.is_alive()
     if sender in STRANGERS:
         assert server.refusals.total == refused + 1
@@ -203,7 +207,7 @@ def test_the_link_carries_only_its_peers_transfers(link, sender, frames) -> None
     refused, malformed = server.refusals.total, server.malformed.total
     pending = len(server.link.sched.pending)
     eps[sender].send(LINK_PEER, frames)
-    _round_trip(eps[b"sched"], LINK_PEER, 1)
+    _round_trip(eps[b"sched"], LINK_PEER)
     assert server._thread.is_alive()
     if sender in STRANGERS:
         assert server.refusals.total == refused + 1 and server.malformed.total == malformed
