@@ -76,6 +76,11 @@ def run_policies(cfg: Config, routing: Routing, names: Sequence[str],
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Ends the workers now (an interrupt must not wait for a policy to finish)."""
     workers = list(getattr(pool, "_processes", {}).values())  # no public handle before 3.14
+    call_queue = getattr(pool, "_call_queue", None)
+    if call_queue is not None:
+        # tasks not yet read by a worker may fill the pipe; with the workers gone, the
+        # queue's feeder thread would block on it forever and hang the interpreter's exit
+        call_queue.cancel_join_thread()
     pool.shutdown(wait=False, cancel_futures=True)
     for proc in workers:
         if proc.is_alive():
