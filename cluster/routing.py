@@ -290,6 +290,15 @@ def _check_weights(p: Path, weights: np.ndarray, ids_shape: tuple[int, ...]) -> 
     return w
 
 
+def read_topk_ids(p: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A trace file's arrays and its checked ``topk_ids`` (integers, no NaN; shape unchecked)."""
+    data, files = _read_npz(p)
+    if "topk_ids" not in data:
+        raise RoutingError(f"routing trace {str(p)!r} has no 'topk_ids' array (it has "
+                           f"{', '.join(files) or 'no arrays'})")
+    return data, _check_ids(p, np.asarray(data["topk_ids"]))
+
+
 def load_trace(path: str | Path, model: ModelSpec, work: WorkloadSpec) -> Routing:
     """Reads a canonical npz trace and cuts it to the workload's batch and positions.
 
@@ -297,11 +306,7 @@ def load_trace(path: str | Path, model: ModelSpec, work: WorkloadSpec) -> Routin
     token; weights (optional) have the ids' shape and are finite and >= 0.
     """
     p = Path(path)
-    data, files = _read_npz(p)
-    if "topk_ids" not in data:
-        raise RoutingError(f"routing trace {str(p)!r} has no 'topk_ids' array (it has "
-                           f"{', '.join(files) or 'no arrays'})")
-    ids = _check_ids(p, np.asarray(data["topk_ids"]))
+    data, ids = read_topk_ids(p)
     if ids.ndim not in (3, 4) or 0 in ids.shape:
         raise RoutingError(f"routing trace {str(p)!r}: topk_ids has shape {list(ids.shape)}; "
                            "expected [tokens, layers, k] or [sequences, positions, layers, k], "

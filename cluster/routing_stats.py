@@ -149,14 +149,10 @@ def measure(ids: np.ndarray, prompt_tokens: int, num_experts: int,
 def read_ids(path: str | Path, num_experts: int | None = None) -> tuple[np.ndarray, int]:
     """``topk_ids`` of an npz trace as ``[sequences, positions, layers, k]`` (a 3-d trace is one
     sequence) and its expert count (``num_experts``, or the largest id + 1), checked."""
-    from cluster.routing import _check_ids, _read_npz
+    from cluster.routing import read_topk_ids
 
     p = Path(path)
-    data, files = _read_npz(p)
-    if "topk_ids" not in data:
-        raise RoutingError(f"routing trace {str(p)!r} has no 'topk_ids' array (it has "
-                           f"{', '.join(files) or 'no arrays'})")
-    ids = _check_ids(p, np.asarray(data["topk_ids"]))
+    _data, ids = read_topk_ids(p)
     if ids.ndim == 3:
         ids = ids[None]
     if ids.ndim != 4 or 0 in ids.shape:
