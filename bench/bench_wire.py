@@ -78,13 +78,19 @@ HI = b"hi"
 RECV_TIMEOUT_S = 30.0
 
 
-def _raw_server(conn, copy: bool) -> None:
+def _bound_router(conn) -> tuple[zmq.Context, zmq.Socket]:
+    """A raw ROUTER on a free loopback port, its endpoint sent back over ``conn``."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, int(RECV_TIMEOUT_S * 1000))
     sock.bind("tcp://127.0.0.1:*")
     conn.send(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    return ctx, sock
+
+
+def _raw_server(conn, copy: bool) -> None:
+    ctx, sock = _bound_router(conn)
     try:
         while True:
             frames = sock.recv_multipart(copy=copy)
@@ -99,12 +105,7 @@ def _raw_server(conn, copy: bool) -> None:
 
 
 def _msgpack_server(conn) -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, int(RECV_TIMEOUT_S * 1000))
-    sock.bind("tcp://127.0.0.1:*")
-    conn.send(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    ctx, sock = _bound_router(conn)
     try:
         while True:
             peer, head, *rest = sock.recv_multipart(copy=False)
@@ -159,12 +160,7 @@ def _own_server(conn, endpoint: str, keys: tuple | None = None) -> None:
 
 def _raw_forwarder(conn) -> None:
     """The minimal forwarder: whatever ``gpu`` sends goes to ``ndp0`` and back."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, int(RECV_TIMEOUT_S * 1000))
-    sock.bind("tcp://127.0.0.1:*")
-    conn.send(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    ctx, sock = _bound_router(conn)
     other = {b"gpu": b"ndp0", b"ndp0": b"gpu"}
     try:
         while True:
