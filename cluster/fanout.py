@@ -3,14 +3,21 @@
 Each policy's episode is independent of the others (same config, same routing), so
 :func:`run_policies` runs them in worker processes, one per core and at most one per
 policy, and hands each finished :class:`~cluster.metrics.PolicyRecords` to the caller as it
-arrives. Workers report progress (output tokens done) through a queue that the caller's
-progress bar drains. With one worker everything runs in this process, in order.
+arrives. Workers report progress (output tokens done) on the same queue as their results.
+With one worker everything runs in this process, in order.
+
+The pool is a few lines of our own rather than ``ProcessPoolExecutor``: an interrupt must
+end the run at once, and the executor's exit hook joins a manager thread (and the queue
+feeder threads behind it) without a timeout, which under heavy load hung a SIGTERM'd run
+for over a minute after it had printed that it stopped. Here the workers are daemonic
+processes the parent ends itself (terminate, then kill), and nothing at exit waits on them.
 
 Workers are started with ``spawn`` (the parent runs a progress-bar thread, which ``fork``
 would copy mid-flight), so they know the policies the ``policies`` package registers; a
-policy registered by the caller's own code runs in this process, and so does everything when
-the workers cannot start. An exception or an interrupt in the parent terminates the workers
-at once; what finished before stays with the caller.
+policy registered by the caller's own code runs in this process, and so does whatever is
+left when a worker dies without a word (typically a script that starts the run at import
+time, which ``spawn`` re-imports). An exception in a worker is raised here; an exception or
+an interrupt here ends the workers at once, and what finished before stays with the caller.
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import signal
+import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 
 import policies
 from cluster.analytic import run_policy
@@ -29,10 +36,15 @@ from cluster.routing import Routing
 from cluster.spec import Config
 
 REPORT_EVERY_TOKENS = 16  # a worker's progress messages: one per this many output tokens
+POLL_S = 0.05  # how often the parent looks at its workers while no message comes
 
 
 def default_workers(num_policies: int) -> int:
     return max(1, min(num_policies, os.cpu_count() or 1))
+
+
+class WorkerError(RuntimeError):
+    """A worker's exception that could not travel back as itself; carries its traceback."""
 
 
 def run_policies(cfg: Config, routing: Routing, names: Sequence[str],
@@ -43,50 +55,84 @@ def run_policies(cfg: Config, routing: Routing, names: Sequence[str],
     ``progress(name, tokens)`` as output tokens complete."""
     workers = default_workers(len(names)) if workers is None else max(1, min(workers, len(names)))
     if workers <= 1 or not all(_importable(n) for n in names):
-        for n in names:
-            on_done(run_policy(cfg, routing, n, progress=lambda k, n=n: progress(n, k)))
+        _run_here(cfg, routing, names, on_done, progress)
         return
     ctx = multiprocessing.get_context("spawn")
-    tokens = ctx.Queue()
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                               initargs=(tokens,))
-    pending = {pool.submit(_run_one, cfg, routing, n): n for n in names}
+    tasks, results = ctx.Queue(), ctx.Queue()
+    procs: list = []
+    left = list(names)  # not finished yet, in order
     try:
-        while pending:
-            finished, _ = wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
-            _drain(tokens, progress)
-            for fut in finished:
-                on_done(fut.result())
-                del pending[fut]
-        _drain(tokens, progress)
-    except BrokenProcessPool:
-        # a worker died before it ran anything useful, typically because the caller's
-        # script starts the run at import time (no ``if __name__ == "__main__"`` guard) and
-        # ``spawn`` re-imports it: run what is left here, in order
-        _stop(pool)
-        for n in [n for n in names if n in pending.values()]:
-            on_done(run_policy(cfg, routing, n, progress=lambda k, n=n: progress(n, k)))
-        return
+        for n in names:
+            tasks.put(n)
+        for _ in range(workers):
+            tasks.put(None)  # one stop mark per worker
+        for _ in range(workers):
+            p = ctx.Process(target=_worker, args=(cfg, routing, tasks, results), daemon=True,
+                            name="ndpmoe-policy")
+            p.start()
+            procs.append(p)
+        while left:
+            try:
+                kind, name, value = results.get(timeout=POLL_S)
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs) or \
+                        all(p.exitcode is not None for p in procs):
+                    # a worker died without a word (or all stopped with work missing): take
+                    # what is still in flight, then finish the rest here
+                    while left and (msg := _get(results, timeout=0.5)) is not None:
+                        _handle(msg, left, on_done, progress)
+                    break
+                continue
+            _handle((kind, name, value), left, on_done, progress)
     except BaseException:
-        _stop(pool)
+        _stop(procs, tasks)
         raise
-    pool.shutdown()
+    if left:
+        _stop(procs, tasks)
+        _run_here(cfg, routing, left, on_done, progress)
+        return
+    for p in procs:
+        p.join(timeout=5)
+    _stop(procs, tasks)  # a no-op unless one lingers
 
 
-def _stop(pool: ProcessPoolExecutor) -> None:
+def _get(q, timeout: float):
+    try:
+        return q.get(timeout=timeout)
+    except queue.Empty:
+        return None
+
+
+def _handle(msg, left: list, on_done: Callable[[PolicyRecords], None],
+            progress: Callable[[str, int], None]) -> None:
+    kind, name, value = msg
+    if kind == "progress":
+        progress(name, value)
+    elif kind == "done":
+        left.remove(name)
+        on_done(value)
+    else:  # "error": the worker's exception, raised here
+        raise value
+
+
+def _run_here(cfg: Config, routing: Routing, names: Sequence[str],
+              on_done: Callable[[PolicyRecords], None],
+              progress: Callable[[str, int], None]) -> None:
+    for n in names:
+        on_done(run_policy(cfg, routing, n, progress=lambda k, n=n: progress(n, k)))
+
+
+def _stop(procs: list, tasks) -> None:
     """Ends the workers now (an interrupt must not wait for a policy to finish)."""
-    workers = list(getattr(pool, "_processes", {}).values())  # no public handle before 3.14
-    call_queue = getattr(pool, "_call_queue", None)
-    if call_queue is not None:
-        # tasks not yet read by a worker may fill the pipe; with the workers gone, the
-        # queue's feeder thread would block on it forever and hang the interpreter's exit
-        call_queue.cancel_join_thread()
-    pool.shutdown(wait=False, cancel_futures=True)
-    for proc in workers:
-        if proc.is_alive():
-            proc.terminate()
-    for proc in workers:
-        proc.join(timeout=5)
+    tasks.cancel_join_thread()  # stop marks no worker read must not hold up the exit
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=2)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=2)
 
 
 def _importable(name: str) -> bool:
@@ -97,33 +143,35 @@ def _importable(name: str) -> bool:
                for kind, part in (("scheduler", choice.scheduler), ("prefetcher", choice.prefetcher)))
 
 
-_tokens_q = None  # in a worker: where it reports output tokens done
+def _worker(cfg: Config, routing: Routing, tasks, results) -> None:
+    """Runs policies off ``tasks`` until a stop mark; Ctrl-C is the parent's to handle (it
+    ends the workers), so a worker ignores SIGINT instead of printing a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while (name := tasks.get()) is not None:
+        done = [0]
 
+        def report(k: int, name: str = name) -> None:
+            done[0] += k
+            if done[0] >= REPORT_EVERY_TOKENS:
+                results.put(("progress", name, done[0]))
+                done[0] = 0
 
-def _worker_init(q) -> None:
-    global _tokens_q
-    _tokens_q = q
-
-
-def _run_one(cfg: Config, routing: Routing, name: str) -> PolicyRecords:
-    done = [0]
-
-    def report(k: int) -> None:
-        done[0] += k
-        if done[0] >= REPORT_EVERY_TOKENS:
-            _tokens_q.put((name, done[0]))
-            done[0] = 0
-
-    rec = run_policy(cfg, routing, name, progress=report)
-    if done[0]:
-        _tokens_q.put((name, done[0]))
-    return rec
-
-
-def _drain(q, progress: Callable[[str, int], None]) -> None:
-    while True:
         try:
-            name, k = q.get_nowait()
-        except queue.Empty:
+            rec = run_policy(cfg, routing, name, progress=report)
+        except Exception as exc:  # noqa: BLE001 - handed to the parent, which raises it
+            results.put(("error", name, _portable(exc)))
             return
-        progress(name, k)
+        if done[0]:
+            results.put(("progress", name, done[0]))
+        results.put(("done", name, rec))
+
+
+def _portable(exc: Exception) -> Exception:
+    """The exception itself if it survives pickling, else a WorkerError with its traceback."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001
+        return WorkerError("".join(traceback.format_exception(exc)))

@@ -82,3 +82,36 @@ def test_policies_side_by_side_give_what_they_give_one_after_another() -> None:
                         workers=1)
     assert got == one
     assert ticks == {n: routing.decode_steps + 1 for n in names}
+
+
+def test_an_interrupt_in_the_caller_ends_every_worker_at_once() -> None:
+    """The run is interrupted while the workers compute (the progress callback raises, as a
+    SIGTERM turned into KeyboardInterrupt would): the call raises and no worker outlives it."""
+    import multiprocessing
+
+    cfg = load_config("edge-rtx5080-ndp4", "qwen3-30b-a3b", None, [])  # seconds of work each
+    routing = build_routing(cfg)
+    before = {p.pid for p in multiprocessing.active_children()}
+
+    def tick(name: str, k: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fanout.run_policies(cfg, routing, ["ep", "tp-lb", "paper"], lambda r: None, tick,
+                            workers=2)
+    assert [p for p in multiprocessing.active_children() if p.pid not in before] == []
+
+
+def test_a_worker_exception_is_raised_in_the_caller() -> None:
+    """A routing that names experts the model lacks fails inside the workers; the caller
+    gets the same exception type, with the same message, as running the policy here gives."""
+    from cluster.routing import Routing
+
+    cfg = _cfg()
+    good = build_routing(cfg)
+    short = Routing(good.topk_ids + 10_000, good.topk_weights, good.prompt_tokens)
+    with pytest.raises(Exception) as here:
+        fanout.run_policies(cfg, short, ["ep", "tp"], lambda r: None, workers=1)
+    with pytest.raises(Exception) as there:
+        fanout.run_policies(cfg, short, ["ep", "tp"], lambda r: None, workers=2)
+    assert type(there.value) is type(here.value) and str(there.value) == str(here.value)
