@@ -150,7 +150,7 @@ def _worker(cfg: Config, routing: Routing, tasks, results) -> None:
     while (name := tasks.get()) is not None:
         done = [0]
 
-        def report(k: int, name: str = name) -> None:
+        def report(k: int, name: str = name, done: list = done) -> None:
             done[0] += k
             if done[0] >= REPORT_EVERY_TOKENS:
                 results.put(("progress", name, done[0]))
@@ -158,7 +158,7 @@ def _worker(cfg: Config, routing: Routing, tasks, results) -> None:
 
         try:
             rec = run_policy(cfg, routing, name, progress=report)
-        except Exception as exc:  # noqa: BLE001 - handed to the parent, which raises it
+        except Exception as exc:  # handed to the parent, which raises it
             results.put(("error", name, _portable(exc)))
             return
         if done[0]:
@@ -173,5 +173,5 @@ def _portable(exc: Exception) -> Exception:
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
-    except Exception:  # noqa: BLE001
+    except Exception:  # not picklable: its text travels instead
         return WorkerError("".join(traceback.format_exception(exc)))
