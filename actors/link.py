@@ -48,6 +48,8 @@ CLASS_STEP = 0  # activations and partial outputs
 CLASS_FETCH = 1  # on-demand expert weights
 CLASS_PREFETCH = 2  # background expert weights (lowest) -- or CLASS_FETCH when "equal"
 KINDS = ("activation", "partial", "fetch", "prefetch")
+_CLASS_OF = {"activation": CLASS_STEP, "partial": CLASS_STEP, "fetch": CLASS_FETCH,
+             "prefetch": CLASS_PREFETCH}  # prefetch: see HostLink.prefetch_class
 LINK_PEER = b"link"
 EPS_S = 1e-9  # wall seconds: a transfer owing less than this is complete
 MAX_INTERVALS = 100_000  # served segments kept for the trace, per run
@@ -71,6 +73,7 @@ class Transfer:
     seq: int = -1  # the MoE step it belongs to (-1: background)
     served: list[tuple[float, float]] = field(default_factory=list)
     src: bytes = b""  # the device that handed it over
+    decoded: Any = None  # its header as the link decoded it (re-packed with the new stamp)
 
     def key(self) -> tuple:
         return (self.cls, self.arrive_s, self.order, self.recv_seq)
@@ -368,12 +371,12 @@ class HostLink:
             kind = f["kind"]
             if kind not in KINDS:
                 raise ProtocolError(f"link: unknown transfer kind {kind!r}")
-            cls = {"activation": CLASS_STEP, "partial": CLASS_STEP, "fetch": CLASS_FETCH,
-                   "prefetch": self.prefetch_class}[kind]
+            cls = self.prefetch_class if kind == "prefetch" else _CLASS_OF[kind]
             nbytes = int(f["true_bytes"])
             tr = Transfer(next(self._xids), kind, cls, float(f["at_s"]), int(f.get("order", 0)), 0,
                           0.0 if self.bypass else self.service_s(nbytes), nbytes,
-                          f["dst"].encode(), list(frames), int(f.get("seq", -1)), src=sender)
+                          f["dst"].encode(), list(frames), int(f.get("seq", -1)), src=sender,
+                          decoded=msg)
             tr.label = f.get("label", kind)  # type: ignore[attr-defined]
             tr.windowed = bool(f.get("windowed", False))  # type: ignore[attr-defined]
             pid = f.get("pid")
@@ -436,7 +439,7 @@ class HostLink:
             if not self.bypass and len(self.stats.intervals) < MAX_INTERVALS:
                 for a, b in t.served:  # the run's engine keeps those of the traced steps
                     self.stats.intervals.append([kind, getattr(t, "label", kind), a, b, t.seq])
-            out.append((t.dst, _restamp(t.frames, done)))
+            out.append((t.dst, _restamp(t.frames, done, t.decoded)))
             if getattr(t, "windowed", False) and t.src:
                 out.append(_credit(t.src))  # its unit may hand over the next one
         return out
@@ -456,10 +459,11 @@ def _credit(unit: bytes) -> tuple[bytes, list]:
     return unit, wire.encode("cmd", {"kind": "credit"})
 
 
-def _restamp(frames: list[Any], at_s: float) -> list:
+def _restamp(frames: list[Any], at_s: float, decoded: wire.Message | None = None) -> list:
     """The transfer's message with its delivery stamp (the completion time) as ``at_s``: only
-    the header frame is rebuilt, the payload frames go out as they came in."""
-    return wire.restamp(frames, {"at_s": at_s})
+    the header frame is rebuilt (from ``decoded``, its header as received), the payload
+    frames go out as they came in."""
+    return wire.restamp(frames, {"at_s": at_s}, decoded)
 
 
 SCHED_NAME = b"sched"

@@ -360,6 +360,8 @@ class _ZmqSocket:
         ms = _timeout_ms(timeout_s)
         try:
             if ms == 0:  # a loop's "anything else there?": no socket option to flip each time
+                if not self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    return None  # nothing there: asked without the cost of raising zmq.Again
                 return self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
             if ms != self._rcvtimeo:
                 self._sock.setsockopt(zmq.RCVTIMEO, ms)

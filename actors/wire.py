@@ -131,11 +131,13 @@ del _type, _fields
 
 
 class Message(NamedTuple):
-    """A decoded message. ``arrays`` are zero-copy views over the received frames."""
+    """A decoded message. ``arrays`` are zero-copy views over the received frames;
+    ``descs`` the header's array descriptors (what :func:`restamp` needs to re-pack it)."""
 
     type: str
     fields: dict[str, Any]
     arrays: list[np.ndarray]
+    descs: list | None = None
 
 
 # --- encode -----------------------------------------------------------------------------------
@@ -223,14 +225,21 @@ def encode(
     return [packed, *frames]
 
 
-def restamp(frames: Sequence[Any], changes: Mapping[str, Any]) -> list[Any]:
+def restamp(frames: Sequence[Any], changes: Mapping[str, Any],
+            decoded: Message | None = None) -> list[Any]:
     """A message that :func:`decode` already accepted, with header fields replaced.
 
     Only the header frame is re-packed; the array frames go out as they came (the same
     ``zmq.Frame`` or buffer objects: no copy, and no second validation of what did not
     change). ``changes`` may not touch the reserved keys, and a time field must stay finite.
+    ``decoded``: what :func:`decode` made of these frames (its fields unchanged since), so
+    the header is rebuilt from it instead of being parsed a second time.
     """
-    header = msgpack.unpackb(frames[0], raw=False)
+    if decoded is not None and decoded.descs is not None:
+        header = {"v": PROTOCOL_VERSION, "t": decoded.type, "arrays": decoded.descs,
+                  **decoded.fields}
+    else:
+        header = msgpack.unpackb(frames[0], raw=False)
     for key, value in changes.items():
         if key in RESERVED_KEYS:
             raise ProtocolError(f"restamp may not change the reserved field {key!r}")
@@ -346,7 +355,7 @@ def _decode(frames: Sequence[Any], max_array_bytes: int, views: bool = True) -> 
             continue
         arr = np.frombuffer(buf, dtype=dtype)
         arrays.append(arr if len(shape) == 1 else arr.reshape(shape))
-    return Message(msg_type, fields, arrays)
+    return Message(msg_type, fields, arrays, descs)
 
 
 def _check_desc(i: int, desc: Any, max_array_bytes: int) -> tuple[np.dtype, list[int], int]:
@@ -373,8 +382,40 @@ def _check_desc(i: int, desc: Any, max_array_bytes: int) -> tuple[np.dtype, list
 
 _MISSING = object()
 
+# (type, field names in order) -> the time fields among them, for names already found to be
+# str and to include every required field; bounded, as the names come from the peers
+_FIELD_PLANS: dict[tuple, tuple[str, ...]] = {}
+_MAX_FIELD_PLANS = 512
+
 
 def _check_fields(msg_type: Any, fields: Mapping[Any, Any]) -> None:
+    """Raises ProtocolError unless ``fields`` carry the required fields of ``msg_type`` with
+    their types and every ``*_s`` field is a finite number. The names' checks are kept per
+    (type, names): a peer sends the same few layouts over and over."""
+    try:
+        key = (msg_type, tuple(fields))
+        times = _FIELD_PLANS.get(key)
+    except TypeError:  # an unhashable type: the full check names the problem
+        times = None
+    if times is not None:
+        for name, exact, types in _COMPILED[msg_type]:
+            value = fields[name]
+            if type(value) not in exact and not _is_instance(value, types):
+                break
+        else:
+            for name in times:
+                value = fields[name]
+                if not ((type(value) is float and math.isfinite(value))
+                        or _is_finite_number(value)):
+                    break
+            else:
+                return
+    _check_fields_in_full(msg_type, fields)
+    if times is None and len(_FIELD_PLANS) < _MAX_FIELD_PLANS:
+        _FIELD_PLANS[(msg_type, tuple(fields))] = tuple(n for n in fields if n.endswith("_s"))
+
+
+def _check_fields_in_full(msg_type: Any, fields: Mapping[Any, Any]) -> None:
     spec = _COMPILED.get(msg_type) if isinstance(msg_type, str) else None
     if spec is None:
         raise ProtocolError(f"unknown message type {_short(msg_type)}; known: {sorted(_REGISTRY)}")

@@ -388,3 +388,29 @@ def test_a_forwarder_checks_the_arrays_without_viewing_them_and_restamps_the_hea
     for bad in ({"at_s": float("nan")}, {"t": "error"}):
         with pytest.raises(ProtocolError):
             restamp(frames, bad)
+    # from the header the forwarder already decoded: the same bytes, no second parse
+    assert bytes(restamp(frames, {"at_s": 2.5}, msg)[0]) == bytes(out[0])
+    for bad in ({"at_s": float("nan")}, {"arrays": []}):
+        with pytest.raises(ProtocolError):
+            restamp(frames, bad, msg)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"kind": "partial", "at_s": float("nan")}, "finite"),
+    ({"kind": "partial", "at_s": "soon"}, "must be float"),
+    ({"kind": 7, "at_s": 1.0}, "must be str"),
+    ({"kind": "partial", "at_s": True}, "must be float"),
+    ({"kind": "partial", "at_s": 1.0, "late_s": math.inf}, "finite"),
+])
+def test_a_layout_seen_before_is_still_checked_value_by_value(bad, match):
+    """The field checks are kept per (type, field names): a message with the names of one that
+    passed, but a bad value, is refused exactly as the first of its kind would be."""
+    good = {"kind": "partial", "at_s": 1.0}
+    for _ in range(3):  # the layouts are known from here on
+        assert decode(encode("data", {**good, "late_s": 2})).fields == {**good, "late_s": 2}
+        assert decode(encode("data", good)).fields == good
+    frames = [msgpack.packb({"v": 1, "t": "data", "arrays": [], **bad})]
+    with pytest.raises(ProtocolError, match=match):
+        decode(frames)
+    with pytest.raises(ProtocolError, match=match):
+        encode("data", bad)
