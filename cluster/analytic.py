@@ -19,13 +19,13 @@ import dataclasses
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import policies
 from cluster.cost import CostModel
 from cluster.metrics import PolicyRecords, StepRecord, TokenRecord
-from cluster.routing import Routing, calibration_counts, group_by_expert
+from cluster.routing import Routing, calibration_counts, decode_groups, group_by_expert
 from cluster.spec import Config
 from policies.prefetch import Key, PrefetchContext, Prefetcher
 
@@ -86,10 +86,17 @@ class BackgroundLink:
             gone = set(new)
             self.queue = deque(item for item in self.queue if item[0] not in gone)
 
-    def advance(self, until: float, busy: list[tuple[float, float]] = ()) -> None:
-        """Moves queued prefetches through ``[cursor, until]`` minus the ``busy`` intervals."""
+    def advance(self, until: float, busy: Sequence[tuple[float, float]] = (),
+                offset: float = 0.0) -> None:
+        """Moves queued prefetches through ``[cursor, until]`` minus the ``busy`` intervals
+        (sorted, relative to ``offset``)."""
+        if not self.queue:  # nothing to move: the cursor moves as the loop below would move it
+            end = offset + busy[0][1] if busy else until
+            if end > self.cursor:
+                self.cursor = end
+            return
         t = self.cursor
-        for a, b in [*busy, (until, until)]:
+        for a, b in [*[(offset + a, offset + b) for a, b in busy], (until, until)]:
             while self.queue and t < a:
                 item = self.queue[0]
                 step = min(item[1], a - t)
@@ -190,6 +197,13 @@ class Episode:
         self.trace_steps = trace_steps
         self.bg = BackgroundLink(self.cost)
         self.t = 0.0
+        # constants of every MoE step
+        self.num_units, self.d_ff = cfg.ndp.num_ndp_units, cfg.model.d_ff
+        self.hops_s = 2 * self.cost.link_latency_s  # router -> scheduler -> devices
+        self.charge_decision = cfg.emulate.charge_decision_time
+        self.equal_priority = cfg.link.prefetch_priority == "equal"
+        # the base class's after_step adds nothing: no need to count the routed tokens for it
+        self.pf_after_step = type(self.pf).after_step is not Prefetcher.after_step
 
     def run(self, progress: Callable[[int], None] | None = None) -> PolicyRecords:
         cfg, routing, cost, rec = self.cfg, self.routing, self.cost, self.rec
@@ -213,13 +227,14 @@ class Episode:
         if progress:
             progress(1)
         # Decode: one step per further output token.
+        decoded = decode_groups(routing)
         for s in range(routing.decode_steps):
             step, ctx = s + 1, P + s + 1
             for i in range(cfg.model.num_dense_layers):
                 self._gpu("dense", "decode", step, i, cost.gpu_dense_layer_s(B, ctx, B))
             for layer in range(L):
                 self._gpu("attention", "decode", step, layer, cost.gpu_layer_s(B, ctx, B))
-                self._moe("decode", step, layer, group_by_expert(routing.decode_ids(s, layer)))
+                self._moe("decode", step, layer, decoded(s, layer))
             self._gpu("head", "decode", step, -1, cost.gpu_head_s(B))
             rec.tokens.append(TokenRecord(self.name, step, self.t, self.t - rec.tokens[-1].time_s))
             self.executor.token_done(step, self.t)
@@ -248,20 +263,24 @@ class Episode:
         and evictions take effect at ``start`` too; an on-demand fetch of an expert whose
         prefetch is still queued upgrades it (it owes what it has left).
         """
-        cfg, cost, bg, pf, rec = self.cfg, self.cost, self.bg, self.pf, self.rec
-        N = cfg.ndp.num_ndp_units
+        cost, bg, pf, rec = self.cost, self.bg, self.pf, self.rec
         t = self.t
-        arrived = bg.arrived
-        resident = frozenset(e for e in pf.cache.layer(layer) if arrived.get((layer, e), math.inf) <= t)
+        cached = pf.cache.layer(layer)
+        if cached:
+            arrived = bg.arrived
+            resident = frozenset([e for e in cached if arrived.get((layer, e), math.inf) <= t])
+        else:
+            resident = cached
         inp = policies.StepInput(layer, phase, routed, resident)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if self.charge_decision else 0.0
         plan = self.sched.plan(inp)
         more: list[Key] = []
-        fetched = [f.expert for f in plan.fetches if f.col_start == 0 and f.col_end == cfg.model.d_ff]
-        if phase == "decode":
+        d_ff = self.d_ff
+        fetched = [f.expert for f in plan.fetches if f.col_start == 0 and f.col_end == d_ff]
+        if phase == "decode" and self.pf_after_step:
             more = pf.after_step(layer, step - 1, {e: len(v) for e, v in routed.items()}, fetched)
-        decision = time.perf_counter() - t0 if cfg.emulate.charge_decision_time else 0.0
-        start = t + 2 * cost.link_latency_s + decision
+        decision = time.perf_counter() - t0 if self.charge_decision else 0.0
+        start = t + self.hops_s + decision
         bg.advance(start)
         _drop_evicted(bg, pf)
         overrides: dict[int, float] = {}
@@ -271,10 +290,9 @@ class Episode:
                 overrides[e] = left
             elif (layer, e) in bg.arrived and bg.arrived[(layer, e)] <= start:
                 overrides[e] = 0.0  # landed after the router ran: ready at once
-        equal = cfg.link.prefetch_priority == "equal"
-        backlog = [item[1] for item in bg.queue] if equal else []
+        backlog = [item[1] for item in bg.queue] if self.equal_priority else []
         traced = step in self.trace_steps
-        timing = policies.time_plan(plan, cost, N, record=traced, fetch_s=overrides,
+        timing = policies.time_plan(plan, cost, self.num_units, record=traced, fetch_s=overrides,
                                     backlog_s=backlog)
         end = start + timing.makespan_s
         if backlog:
@@ -287,17 +305,18 @@ class Episode:
                 iv.start_s += start
                 iv.end_s += start
             rec.intervals.extend(timing.intervals)
-        bg.advance(end, [(start + a, start + b) for a, b in timing.link_segments])
-        gpu_tasks = sum(1 for tk in plan.tasks if tk.device == policies.GPU)
+        bg.advance(end, timing.link_segments, start)
+        gpu_tasks = [tk.device for tk in plan.tasks].count(policies.GPU)
+        link_bytes = timing.link_bytes
         rec.steps.append(StepRecord(
             self.name, phase, step, layer, start, end, len(routed),
-            sum(1 for e in routed if e in resident), len(plan.fetches), gpu_tasks,
-            timing.gpu_busy_s, timing.unit_busy_s, timing.link_bytes["activation"],
-            timing.link_bytes["partial"], timing.link_bytes["fetch"],
-            policies.lower_bound_s(plan, cost, N) if self.lower_bounds else 0.0))
+            len(resident.intersection(routed)) if resident else 0, len(plan.fetches), gpu_tasks,
+            timing.gpu_busy_s, timing.unit_busy_s, link_bytes["activation"],
+            link_bytes["partial"], link_bytes["fetch"],
+            policies.lower_bound_s(plan, cost, self.num_units) if self.lower_bounds else 0.0))
         self.t = end
         self.sched.observe(inp)
-        if phase == "decode":
+        if phase == "decode" and fetched:
             # fetched on demand and admitted: on the GPU from the end of the step
             bg.landed([(layer, e) for e in fetched if (layer, e) in pf.cache], end)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,18 @@ def group_by_expert(ids: np.ndarray) -> dict[int, tuple[int, ...]]:
     experts = flat[np.r_[0, cuts]]
     groups = np.split(tokens, cuts)
     return {int(e): tuple(g.tolist()) for e, g in zip(experts, groups)}
+
+
+def decode_groups(routing: Routing) -> Callable[[int, int], dict[int, tuple[int, ...]]]:
+    """``groups(step, layer)``: :func:`group_by_expert` of ``routing.decode_ids(step, layer)``.
+
+    At batch 1 the whole decode is sorted once and each step's dict built from plain lists
+    (the same dict, without numpy calls per step); otherwise it is :func:`group_by_expert`.
+    """
+    if routing.batch != 1:
+        return lambda step, layer: group_by_expert(routing.decode_ids(step, layer))
+    rows = np.sort(routing.topk_ids[0, routing.prompt_tokens:], axis=-1).tolist()
+    return lambda step, layer: dict.fromkeys(rows[step][layer], (0,))
 
 
 def ranked_popularity(num_experts: int, alpha: float, shape: str = "zipf") -> np.ndarray:
