@@ -56,7 +56,7 @@ MAX_INTERVALS = 100_000  # served segments kept for the trace, per run
 BATCH = 16  # messages the link takes in between two looks at what is due
 
 
-@dataclass
+@dataclass(slots=True)
 class Transfer:
     """One message on the link. ``remaining_s`` is wall seconds of service still owed."""
 
@@ -74,6 +74,11 @@ class Transfer:
     served: list[tuple[float, float]] = field(default_factory=list)
     src: bytes = b""  # the device that handed it over
     decoded: Any = None  # its header as the link decoded it (re-packed with the new stamp)
+    label: str = ""  # its name on the trace's link track (default: its kind)
+    windowed: bool = False  # a prefetch under its unit's credit window
+    pid: int | None = None  # the scheduler's id for it (prefetches, fetches)
+    upgraded: bool = False  # a prefetch turned on-demand fetch
+    done_s: float = math.nan  # its completion, once popped
 
     def key(self) -> tuple:
         return (self.cls, self.arrive_s, self.order, self.recv_seq)
@@ -155,7 +160,7 @@ class LinkSchedule:
             return False
         self.commit(max(at_s, self.base_s))
         t.cls = cls
-        t.upgraded = True  # type: ignore[attr-defined]
+        t.upgraded = True
         t.arrive_s = max(t.arrive_s, self.base_s if at_s <= self.base_s else at_s)
         t.order = order  # its place among this step's fetches (the plan's order)
         self._file(t)
@@ -264,7 +269,7 @@ class LinkSchedule:
                 t.served.append((a, done_s))
         t.remaining_s = 0.0
         self._plan = None
-        t.done_s = done_s  # type: ignore[attr-defined]
+        t.done_s = done_s
         return t
 
     def _pop_only(self, now_s: float) -> Transfer | None:
@@ -290,7 +295,7 @@ class LinkSchedule:
         self.base_s = max(self.base_s, done)
         self._plan = None
         t.remaining_s = 0.0
-        t.done_s = done  # type: ignore[attr-defined]
+        t.done_s = done
         return t
 
     def plan(self) -> list[tuple[float, int]]:
@@ -301,7 +306,7 @@ class LinkSchedule:
         twin = copy.deepcopy(self)
         out = []
         while (t := twin.pop_due(math.inf)) is not None:
-            out.append((t.done_s, t.xid))  # type: ignore[attr-defined]
+            out.append((t.done_s, t.xid))
         return out
 
 
@@ -377,8 +382,8 @@ class HostLink:
                           0.0 if self.bypass else self.service_s(nbytes), nbytes,
                           f["dst"].encode(), list(frames), int(f.get("seq", -1)), src=sender,
                           decoded=msg)
-            tr.label = f.get("label", kind)  # type: ignore[attr-defined]
-            tr.windowed = bool(f.get("windowed", False))  # type: ignore[attr-defined]
+            tr.label = f.get("label", kind)
+            tr.windowed = bool(f.get("windowed", False))
             pid = f.get("pid")
             if pid is not None:
                 pid = int(pid)
@@ -386,12 +391,12 @@ class HostLink:
                     self.early_cancels.discard(pid)
                     self.stats.cancelled += 1
                     return [_credit(sender)] if f.get("windowed") else []
-                tr.pid = pid  # type: ignore[attr-defined]
+                tr.pid = pid
                 self.by_pid[pid] = tr.xid
                 up = self.early_upgrades.pop(pid, None)
                 if up is not None:  # upgraded before it reached the link
                     tr.cls, tr.order = CLASS_FETCH, up[0]
-                    tr.upgraded = True  # type: ignore[attr-defined]
+                    tr.upgraded = True
                     tr.arrive_s = max(tr.arrive_s, up[1])
                     self.stats.upgraded += 1
             if self.bypass:
@@ -409,7 +414,7 @@ class HostLink:
                         self.early_cancels.add(int(pid))
                     elif (t := self.sched.cancel(x, at)) is not None:
                         self.stats.cancelled += 1
-                        if getattr(t, "windowed", False):
+                        if t.windowed:
                             out.append(_credit(t.src))
                 return out
             if kind == "upgrade":
@@ -425,22 +430,24 @@ class HostLink:
     def due(self, now_s: float) -> list[tuple[bytes, list]]:
         out = []
         while (t := self.sched.pop_due(now_s)) is not None:
-            done = t.done_s  # type: ignore[attr-defined]
+            done = t.done_s
             self.stats.delivery_lag_max_s = max(self.stats.delivery_lag_max_s, now_s - done)
-            kind = "fetch" if getattr(t, "upgraded", False) else t.kind
+            kind = "fetch" if t.upgraded else t.kind
             self.stats.bytes[kind] += t.true_bytes
             self.stats.transfers[kind] += 1
             if t.seq >= 0:
-                sb = self.stats.step_bytes.setdefault(t.seq, dict.fromkeys(KINDS, 0))
+                sb = self.stats.step_bytes.get(t.seq)
+                if sb is None:
+                    sb = self.stats.step_bytes[t.seq] = dict.fromkeys(KINDS, 0)
                 sb[kind] += t.true_bytes
-            pid = getattr(t, "pid", None)
+            pid = t.pid
             if pid is not None and self.by_pid.get(pid) == t.xid:
                 del self.by_pid[pid]
             if not self.bypass and len(self.stats.intervals) < MAX_INTERVALS:
                 for a, b in t.served:  # the run's engine keeps those of the traced steps
-                    self.stats.intervals.append([kind, getattr(t, "label", kind), a, b, t.seq])
+                    self.stats.intervals.append([kind, t.label or kind, a, b, t.seq])
             out.append((t.dst, _restamp(t.frames, done, t.decoded)))
-            if getattr(t, "windowed", False) and t.src:
+            if t.windowed and t.src:
                 out.append(_credit(t.src))  # its unit may hand over the next one
         return out
 
