@@ -193,6 +193,7 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False,
     arrival: dict[int, float] = {}
     partial_at: dict[int, float] = {}
     n_act = 0
+    link_busy = 0.0  # the sum over ``busy`` in order (sorted: no fetch comes between)
     for u in range(num_units):
         if not toks[u]:
             continue
@@ -201,6 +202,7 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False,
         msg_s = latency + nbytes / link_bw  # its partial output is as large: as long
         start, link_t = link_t, link_t + msg_s
         busy.append((start, link_t))
+        link_busy += link_t - start
         arrival[u] = link_t
         releases.append((link_t + work[u], u, msg_s))
         if record:
@@ -219,6 +221,7 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False,
         start = done if done > link_t else link_t
         link_t = start + msg_s
         busy.append((start, link_t))
+        link_busy += link_t - start
         partial_end = link_t
         partial_at[u] = link_t
         if record:
@@ -227,9 +230,10 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False,
 
     # Priority 1: on-demand fetches in the gaps.
     fetch_done: dict[int, float] = {}
-    segments = list(busy)
+    segments = busy
     backlog_segments: list[list[tuple[float, float]]] = []
     if plan.fetches or backlog_s:
+        segments = list(busy)
         durs = list(backlog_s)
         moving = []
         for f in plan.fetches:
@@ -252,6 +256,7 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False,
                 intervals.extend(Interval("link", "fetch", a, b, f"L{plan.layer} e{f.expert}")
                                  for a, b in segs)
         segments.sort()
+        link_busy = sum(b - a for a, b in segments)
 
     # The GPU: resident experts first, fetched ones as they arrive.
     gpu_t, gpu_busy = 0.0, 0.0
@@ -275,7 +280,6 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False,
     combine = cost.gpu_combine_s(n_tokens, n_partials)
     if record:
         intervals.append(Interval("gpu", "combine", ready, ready + combine, f"L{plan.layer}"))
-    link_busy = sum(b - a for a, b in segments)
     return StepTiming(ready + combine, work, gpu_busy + combine, link_bytes, link_busy,
                       segments, intervals, arrival, {u: d for d, u, _ in releases}, partial_at,
                       fetch_done, ready, backlog_segments)
@@ -286,7 +290,10 @@ def _single_token(tasks: tuple[Task, ...]) -> bool:
     if not tasks or len(tasks[0].tokens) != 1:
         return False
     tok = tasks[0].tokens
-    return all(t.tokens == tok for t in tasks)
+    for t in tasks:
+        if t.tokens != tok:
+            return False
+    return True
 
 
 @lru_cache(maxsize=4096)
@@ -316,6 +323,10 @@ def _unit_loads(unit_tasks: dict[int, list[Task]], groups: dict[tuple[int, int],
         work[u] = w
         if not one_token:
             token_sets[u] = set().union(*(t.tokens for t in tasks))
+    if not groups:  # explicit per-unit tasks only
+        if one_token:
+            return work, [1 if u in unit_tasks else 0 for u in range(num_units)], [[]] * num_units
+        return work, [len(ts) if ts is not None else 0 for ts in token_sets], [[]] * num_units
     slices: list[list[tuple[tuple[int, int], list[Task]]]] = [[] for _ in range(num_units)]
     unions: list[set[int]] = []
     member: list[list[int]] = [[] for _ in range(num_units)]

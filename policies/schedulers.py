@@ -116,6 +116,7 @@ class TensorParallelLoadBalanced(TensorParallel):
         # an expert's time depends only on its token count: computed once per count
         self._ndp_of: dict[int, dict[int, float]] = {w: {} for w in sorted(set(self.widths))}
         self._gpu_of: dict[int, float] = {}
+        self._combine_of: dict[int, dict[int, float]] = {}
 
     def _add_token_count(self, n: int) -> None:
         for w, per_n in self._ndp_of.items():
@@ -145,12 +146,12 @@ class TensorParallelLoadBalanced(TensorParallel):
         if limit <= 16:
             # every prefix, but one whose GPU-side lower bound already loses to the best so
             # far cannot win: skip timing it (the margin keeps rounding from deciding)
-            best = 0
+            best, best_span = 0, at(0)
             for m in range(1, limit + 1):
-                if bound(m) > at(best) * (1 + 1e-9):
+                if bound(m) > best_span * (1 + 1e-9):
                     continue
-                if at(m) < at(best):
-                    best = m
+                if at(m) < best_span:
+                    best, best_span = m, memo[m]
         else:
             lo, hi = 0, limit  # the first m where one more fetched expert stops helping
             while lo < hi:
@@ -194,6 +195,7 @@ class TensorParallelLoadBalanced(TensorParallel):
         # one pass from the last candidate back: suffix sums of unit work (one column per
         # distinct slice width) and suffix token-union sizes; GPU time of each candidate
         cols = {w: [0.0] * (F + 1) for w in ndp_of}
+        col_of_n = [(col, ndp_of[w]) for w, col in cols.items()]
         suffix_toks = [0] * (F + 1)
         gpu_s = [0.0] * F
         seen: set[int] = set()
@@ -202,8 +204,8 @@ class TensorParallelLoadBalanced(TensorParallel):
             n = len(toks)
             if n not in gpu_of:
                 self._add_token_count(n)
-            for w, col in cols.items():
-                col[i] = col[i + 1] + ndp_of[w][n]
+            for col, per_n in col_of_n:
+                col[i] = col[i + 1] + per_n[n]
             gpu_s[i] = gpu_of[n]
             seen.update(toks)
             suffix_toks[i] = len(seen)
@@ -220,7 +222,10 @@ class TensorParallelLoadBalanced(TensorParallel):
             g0 += gpu_of[n]
         fetch = self._fetch_s
         n_tokens = len(all_tokens)
-        combine = {p: cost.gpu_combine_s(n_tokens, p) for p in {0, 1, U, U + 1}}
+        combine = self._combine_of.get(n_tokens)
+        if combine is None:  # by the number of partials the GPU sums
+            combine = self._combine_of[n_tokens] = {p: cost.gpu_combine_s(n_tokens, p)
+                                                    for p in {0, 1, U, U + 1}}
         has_cached = bool(cached_tasks)
         unit_range = range(U)
         unit_counts = range(1, U + 1)
