@@ -180,7 +180,10 @@ def write_plots(run_dir: Path, summaries: dict[str, dict[str, Any]],
         by_step: dict[int, list[float]] = {}
         for s in rec.steps:
             if s.phase == "decode" and max(s.unit_busy_s) > 0:
-                by_step.setdefault(s.step, []).append(s.max_over_mean)
+                if s.step in by_step:
+                    by_step[s.step].append(s.max_over_mean)
+                else:
+                    by_step[s.step] = [s.max_over_mean]
         if by_step:
             xs = sorted(by_step)
             ax.plot(xs, [float(np.mean(by_step[k])) for k in xs], label=rec.policy, lw=1)
