@@ -87,6 +87,24 @@ def test_receive_deadline_fires_and_returns_none(pair, request):
 
 
 @pytest.mark.parametrize("pair", ["zmq_pair", "inproc_pair"])
+def test_a_zero_timeout_receive_takes_every_queued_message_then_none(pair, request):
+    """What a serving loop does after each message ("anything else there?"): it must see
+    every message already queued, in order, and then nothing, without blocking."""
+    router, dealer = request.getfixturevalue(pair)
+    for seq in range(5):
+        dealer.send(b"router", encode("ping", {"seq": seq}))
+    first = recv_or_fail(router, T, "the first ping")  # all five are on their way now
+    got = [decode(first[1]).fields["seq"]]
+    deadline = time.monotonic() + T
+    while len(got) < 5 and time.monotonic() < deadline:
+        msg = router.recv(0)
+        if msg is not None:
+            got.append(decode(msg[1]).fields["seq"])
+    assert got == [0, 1, 2, 3, 4]
+    assert router.recv(0) is None
+
+
+@pytest.mark.parametrize("pair", ["zmq_pair", "inproc_pair"])
 def test_send_to_unknown_peer_raises(pair, request):
     router, _ = request.getfixturevalue(pair)
     with pytest.raises(EmulationError, match="no connected peer"):
