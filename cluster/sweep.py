@@ -1,11 +1,12 @@
-"""Sweeps: a grid of configurations x policies on the analytic engine, fanned out as Ray tasks.
+"""Sweeps: a grid of configurations x policies on the analytic engine, fanned out over CPUs.
 
 ``ndpmoe sweep`` takes any axes (``--axis ndp.num_ndp_units=2,4,8``, or a TOML file with a
 ``[grid]`` table of lists, keys as in ``--set``); ``ndpmoe stress`` is a sweep with axes for
 load balance at scale (NDP units x experts x top-k x routing skew x batch) on a short,
-shallow workload. Each (configuration, policy) pair is a *point*. Points run as Ray tasks
-(a local Ray with ``--workers`` CPUs, or the cluster at ``--address``), so a cluster makes a
-sweep faster; configurations that fail validation are recorded with their error, not fatal.
+shallow workload. Each (configuration, policy) pair is a *point*. Points run in ``--workers``
+local processes, or as Ray tasks on the cluster at ``--address`` (``local``: a local Ray), so
+a cluster makes a sweep faster; configurations that fail validation are recorded with their
+error, not fatal.
 
 Output: ``sweep.csv`` (one row per point), ``summary.json``, heatmaps of ``max_over_mean``,
 ``balancedness`` and latency over the first two axes (mean over the others) per policy, and
@@ -19,7 +20,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,10 +125,15 @@ def run_config(system: str | None, model: str | None, base: list[str], point: di
 def run_sweep(grid: Grid, system: str | None = None, model: str | None = None,
               workers: int | None = None, address: str | None = None, console=None,
               progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Runs the grid as Ray tasks (one task per configuration, all its policies inside)."""
+    """Runs the grid, one task per configuration (all its policies inside).
+
+    The tasks run as Ray tasks on the cluster at ``address`` (``"local"``: a local Ray with
+    ``workers`` CPUs) or on a Ray already initialised in this process; otherwise in
+    ``workers`` local worker processes, which start in a fraction of a second where a local
+    Ray takes seconds to start and stop. Rows come back in the grid's order either way.
+    """
     import os
 
-    import ray
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cluster.config import load_config
@@ -138,44 +144,94 @@ def run_sweep(grid: Grid, system: str | None = None, model: str | None = None,
 
         policies.resolve(name)
     workers = workers or os.cpu_count() or 2
+    configs = grid.configs()
+    args = [(system, model, grid.base, point, grid.policies) for point in configs]
+    t0 = time.monotonic()
+    with Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, disable=not progress) as bar:
+        job = bar.add_task("points", total=grid.num_points)
+
+        def advance(got: list[dict[str, Any]]) -> None:
+            bar.advance(job, len(got))
+
+        if address or _ray_ready():
+            results, used = _run_on_ray(args, workers, address, advance)
+        else:
+            results, used = _run_in_processes(args, workers, advance)
+    rows = [row for got in results for row in got]
+    wall = time.monotonic() - t0
+    info = {"points": len(rows), "configs": len(configs), "wall_s": wall,
+            "points_per_s": len(rows) / wall if wall > 0 else None,
+            "workers": used, "failed": sum(1 for r in rows if r.get("error"))}
+    return rows, info
+
+
+def _ray_ready() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+def _run_config_args(indexed: tuple[int, tuple]) -> tuple[int, list[dict[str, Any]]]:
+    i, args = indexed
+    return i, run_config(*args)
+
+
+def _run_in_processes(args: list[tuple], workers: int, advance: Callable[[list], None]
+                      ) -> tuple[list[list[dict[str, Any]]], int]:
+    """``run_config(*a)`` for every ``a`` in ``workers`` spawned processes (here, for one)."""
+    results: list[list[dict[str, Any]]] = [[] for _ in args]
+    workers = max(1, min(workers, len(args)))
+    if workers == 1:
+        for i, a in enumerate(args):
+            results[i] = run_config(*a)
+            advance(results[i])
+        return results, 1
+    import multiprocessing
+
+    # spawn, not fork: the parent runs the progress bar's thread; the pool's workers are
+    # daemonic and terminated when the block ends, also on an error or an interrupt
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for i, got in pool.imap_unordered(_run_config_args, enumerate(args)):
+            results[i] = got
+            advance(got)
+    return results, workers
+
+
+def _run_on_ray(args: list[tuple], workers: int, address: str | None,
+                advance: Callable[[list], None]) -> tuple[list[list[dict[str, Any]]], int]:
+    """``run_config(*a)`` for every ``a`` as Ray tasks; starts (and stops) Ray if need be."""
+    import ray
+
     started = False
     if not ray.is_initialized():
-        if address:
+        if address and address != "local":
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
         started = True
-    task = ray.remote(run_config).options(num_cpus=1, max_retries=1)
-    configs = grid.configs()
-    rows: list[dict[str, Any]] = []
-    t0 = time.monotonic()
     try:
-        with Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console, disable=not progress) as bar:
-            job = bar.add_task("points", total=grid.num_points)
-            pending = []
-            it = iter(configs)
-            in_flight = max(1, int(ray.cluster_resources().get("CPU", workers))) * 2
-            for point in itertools.islice(it, in_flight):
-                pending.append(task.remote(system, model, grid.base, point, grid.policies))
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                for ref in done:
-                    got = ray.get(ref)
-                    rows.extend(got)
-                    bar.advance(job, len(got))
-                for point in itertools.islice(it, len(done)):
-                    pending.append(task.remote(system, model, grid.base, point, grid.policies))
-        wall = time.monotonic() - t0
-        info = {"points": len(rows), "configs": len(configs), "wall_s": wall,
-                "points_per_s": len(rows) / wall if wall > 0 else None,
-                "workers": int(ray.cluster_resources().get("CPU", workers)),
-                "failed": sum(1 for r in rows if r.get("error"))}
+        task = ray.remote(run_config).options(num_cpus=1, max_retries=1)
+        results: list[list[dict[str, Any]]] = [[] for _ in args]
+        used = int(ray.cluster_resources().get("CPU", workers))
+        todo = iter(enumerate(args))
+        pending: dict[Any, int] = {}
+        for i, a in itertools.islice(todo, max(1, used) * 2):
+            pending[task.remote(*a)] = i
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                i = pending.pop(ref)
+                results[i] = ray.get(ref)
+                advance(results[i])
+            for i, a in itertools.islice(todo, len(done)):
+                pending[task.remote(*a)] = i
     finally:
         if started:
             ray.shutdown()
-    return rows, info
+    return results, used
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], axes: Sequence[str]) -> None:

@@ -52,20 +52,40 @@ def test_the_default_stress_grid_has_over_a_thousand_points():
     assert sub.configs()[1] == Grid(STRESS_AXES, STRESS_POLICIES, STRESS_BASE).configs()[5]
 
 
-@pytest.mark.ray
-def test_a_small_sweep_runs_as_ray_tasks_and_writes_csv_heatmaps_and_summary(tmp_path):
+def _small_sweep(tmp_path, address=None) -> tuple[dict, list[dict]]:
     from rich.console import Console
 
-    ray = pytest.importorskip("ray")
     grid = Grid({"ndp.num_ndp_units": [2, 4], "model.top_k": [2, 200]}, ["ep", "tp"], TINY_BASE)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     with open(tmp_path / "log.txt", "w") as log:
         doc = sweep_command(grid, tmp_path, Console(file=log), model="olmoe-1b-7b", workers=2,
-                            progress=False)
-    assert not ray.is_initialized()  # the sweep shut down the Ray it started
-    assert doc["points"] == 8 and doc["failed"] == 4  # top_k 200 > 64 experts: recorded, not fatal
+                            address=address, progress=False)
     with open(tmp_path / "sweep.csv") as fh:
         rows = list(csv.DictReader(fh))
+    return doc, rows
+
+
+def test_a_small_sweep_runs_in_local_processes_and_keeps_the_grid_order(tmp_path):
+    import sys
+
+    doc, rows = _small_sweep(tmp_path)
+    assert doc["points"] == 8 and doc["workers"] == 2 and doc["failed"] == 4
+    assert [(r["ndp.num_ndp_units"], r["model.top_k"], r["policy"]) for r in rows] == [
+        (u, k, p) for u in ("2", "4") for k in ("2", "200") for p in ("ep", "tp")]
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()  # no Ray without --address
+
+
+@pytest.mark.ray
+def test_a_small_sweep_runs_as_ray_tasks_and_writes_csv_heatmaps_and_summary(tmp_path):
+    ray = pytest.importorskip("ray")
+    local_rows = _small_sweep(tmp_path / "local")[1]
+    doc, rows = _small_sweep(tmp_path, address="local")
+    assert not ray.is_initialized()  # the sweep shut down the Ray it started
+    assert doc["points"] == 8 and doc["failed"] == 4  # top_k 200 > 64 experts: recorded, not fatal
     assert len(rows) == 8
+    keep = [k for k in rows[0] if k != "point_s"]  # the same rows as in local processes
+    assert [{k: r[k] for k in keep} for r in rows] == [{k: r[k] for k in keep} for r in local_rows]
     bad = [r for r in rows if r["error"]]
     assert {r["model.top_k"] for r in bad} == {"200"} and "model.top_k" in bad[0]["error"]
     good = [r for r in rows if not r["error"]]
