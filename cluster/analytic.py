@@ -204,6 +204,9 @@ class Episode:
         self.equal_priority = cfg.link.prefetch_priority == "equal"
         # the base class's after_step adds nothing: no need to count the routed tokens for it
         self.pf_after_step = type(self.pf).after_step is not Prefetcher.after_step
+        # per layer, cached experts seen resident (landed) at an earlier step; a key stays
+        # resident until it is evicted, since its arrival time never changes while it is known
+        self._landed: dict[int, set[int]] = {}
 
     def run(self, progress: Callable[[int], None] | None = None) -> PolicyRecords:
         cfg, routing, cost, rec = self.cfg, self.routing, self.cost, self.rec
@@ -223,7 +226,7 @@ class Episode:
         # the token event reaches the scheduler, its prefetch orders the units: two hops
         self.bg.push(self.pf.after_prefill(routing.prefill_counts(cfg.model.num_experts)),
                      self.t + 2 * cost.link_latency_s)
-        _drop_evicted(self.bg, self.pf)
+        self._drop_evicted()
         if progress:
             progress(1)
         # Decode: one step per further output token.
@@ -265,12 +268,7 @@ class Episode:
         """
         cost, bg, pf, rec = self.cost, self.bg, self.pf, self.rec
         t = self.t
-        cached = pf.cache.layer(layer)
-        if cached:
-            arrived = bg.arrived
-            resident = frozenset([e for e in cached if arrived.get((layer, e), math.inf) <= t])
-        else:
-            resident = cached
+        resident = self._resident(layer, t)
         inp = policies.StepInput(layer, phase, routed, resident)
         t0 = time.perf_counter() if self.charge_decision else 0.0
         plan = self.sched.plan(inp)
@@ -282,7 +280,7 @@ class Episode:
         decision = time.perf_counter() - t0 if self.charge_decision else 0.0
         start = t + self.hops_s + decision
         bg.advance(start)
-        _drop_evicted(bg, pf)
+        self._drop_evicted()
         overrides: dict[int, float] = {}
         for e in fetched:
             left = bg.take((layer, e))
@@ -319,6 +317,27 @@ class Episode:
         if phase == "decode" and fetched:
             # fetched on demand and admitted: on the GPU from the end of the step
             bg.landed([(layer, e) for e in fetched if (layer, e) in pf.cache], end)
+
+
+    def _resident(self, layer: int, t: float) -> frozenset[int]:
+        """The experts of ``layer`` in the cache whose weights had landed by ``t``."""
+        cached = self.pf.cache.layer(layer)
+        if not cached:
+            return cached
+        landed = self._landed.setdefault(layer, set())
+        landed &= cached
+        arrived = self.bg.arrived
+        for e in cached - landed:
+            if arrived.get((layer, e), math.inf) <= t:
+                landed.add(e)
+        return frozenset(landed)
+
+    def _drop_evicted(self) -> None:
+        """Evicted keys stop being resident; queued fetches of evicted keys are cancelled."""
+        for lay, e in self.pf.cache.evicted:
+            if lay in self._landed:
+                self._landed[lay].discard(e)  # its arrival is looked at again if it comes back
+        _drop_evicted(self.bg, self.pf)
 
 
 def run_policy(cfg: Config, routing: Routing, name: str,
