@@ -34,13 +34,22 @@ the loop; messages queue in the socket meanwhile.
   prefetch class), at once: the link, not the unit, is the modelled resource of a move.
 
 Control requests (``task`` messages, answered with ``result``): ``reset`` (a new policy: its
-cost config, D, the run's timebase offset, trace window), ``warm`` (NDP: generate slices),
+cost config, D, the run's timebase offset, trace window; for a restarted unit also the run's
+pause state, its next command number and its credit window), ``warm`` (NDP: generate slices),
 ``run`` (GPU: start the program at the run's epoch), ``report`` (logs, overruns, busy time),
-``collect`` (GPU: final hidden states), ``preload`` (GPU: wait until keys have landed).
+``collect`` (GPU: final hidden states), ``preload`` (GPU: wait until keys have landed),
+``status`` and ``resend`` (GPU, recovery: the MoE step in progress, which partials and which
+transfer ids reached it; the step's activations again to a restarted unit).
 
 Faults (DESIGN.md section 9): :class:`DeviceServer` answers a repeated task id from a reply
 cache, sends heartbeats from its own socket, greets with ``hello`` when it (re)starts, and
-obeys an injected ``die`` only when its host allows it. Ray wraps these classes only in
+obeys an injected ``die`` only when its host allows it. ``cmd`` ``pause`` freezes the device's
+clock (:meth:`Device.now`: no hold ends, the program does not run, messages are still taken
+in) until ``cmd`` ``resume`` gives it the run's total paused wall time, which every clock
+subtracts: the scheduler pauses the whole system while it repairs a fault it injected
+(:class:`actors.scheduler.World`). Commands with a sequence number (``cseq``: the scheduler
+numbers them when it injects message drops) are acknowledged on receipt and applied in
+order, a copy of one already applied is counted and ignored. Ray wraps these classes only in
 :mod:`cluster.launch`.
 """
 
@@ -115,6 +124,8 @@ class Device:
         self.cost = CostModel(cfg)
         self.sm = R.scaled_model(cfg, scale)
         self.offset_s = 0.0
+        self.shift_s = 0.0  # wall seconds the run's clock was paused for (fault injection)
+        self.frozen_s: float | None = None  # the clock's reading while paused, else None
         self.dilation = 1.0
         self.out: list[tuple[bytes, list]] = []
         self._prog: Program | None = None
@@ -135,6 +146,11 @@ class Device:
         self.log: list[list] = []  # [kind, label, start, end] for traced steps
         self.trace_seqs = (0, -1)
         self.error: str | None = None
+        # the scheduler's sequenced commands (drop faults): next expected number, those that
+        # came early, and copies of ones already taken (a retry whose first send arrived)
+        self.cmd_next = 1
+        self.cmd_held: dict[int, wire.Message] = {}
+        self.cmd_duplicates = 0
 
     def reset(self, f: dict[str, Any]) -> None:
         self.cost = cost_from_fields(self.cfg, f)
@@ -145,9 +161,30 @@ class Device:
         self._new_run()
         lo, hi = f.get("trace_seqs", [0, -1])
         self.trace_seqs = (int(lo), int(hi))
+        self.cmd_next = int(f.get("cseq_next", 1))
+        self.shift_s, self.frozen_s = float(f.get("shift_s", 0.0)), None
+        if f.get("paused"):  # a unit restarted while the run is paused joins it paused
+            self.pause()
 
     def now(self) -> float:
-        return wall_now() + self.offset_s
+        """The run's clock: wall time in the run's timebase less the time it was paused."""
+        if self.frozen_s is not None:
+            return self.frozen_s
+        return wall_now() + self.offset_s - self.shift_s
+
+    # --- the run's pause (fault injection: DESIGN.md section 9) -----------------------------
+    def pause(self) -> None:
+        """Freezes the clock: no hold ends and the program does not run until :meth:`resume`
+        (messages are still taken in). The scheduler pauses every device and the link when
+        it injects a fault, so that detecting and repairing it takes no emulated time."""
+        if self.frozen_s is None:
+            self.frozen_s = self.now()
+
+    def resume(self, shift_s: float) -> None:
+        """Thaws the clock with the run's total pause ``shift_s`` (the same for every device
+        and the link, set by the scheduler, so that all share one clock again)."""
+        self.shift_s = float(shift_s)
+        self.frozen_s = None
 
     # --- the program ------------------------------------------------------------------------
     def start_program(self, prog: Program) -> None:
@@ -156,7 +193,7 @@ class Device:
 
     def advance(self) -> None:
         """Runs the program until it waits for something not yet there."""
-        while self._prog is not None:
+        while self._prog is not None and self.frozen_s is None:
             w = self._wait
             if isinstance(w, Hold) and self.now() < w.until_s:
                 return
@@ -173,6 +210,8 @@ class Device:
                                                                    "message": self.error[:2000]})))
 
     def next_wake_s(self) -> float:
+        if self.frozen_s is not None:
+            return np.inf
         return self._wait.until_s if isinstance(self._wait, Hold) else np.inf
 
     def work(self, modelled_s: float, fn: Callable[[], Any], ready_s: float, kind: str,
@@ -223,7 +262,8 @@ class Device:
                 "arrival_late": {k: [float(np.quantile(v, q)) for q in (0.5, 0.9, 1.0)]
                                  for k, v in self.arrival_late.items()},
                 "ratios": self.ratios, "busy_by_seq": {str(k): v for k, v in self.busy_by_seq.items()},
-                "log": self.log, "error": self.error}
+                "log": self.log, "error": self.error, "cmd_duplicates": self.cmd_duplicates,
+                "shift_s": self.shift_s}
 
     # --- messages -----------------------------------------------------------------------------
     def handle(self, msg: wire.Message) -> list:
@@ -298,6 +338,8 @@ class NdpUnit(Device):
         kind = f["kind"]
         if kind == "reset":
             self.reset(f)
+            # a restarted unit: prefetches its predecessor handed the link still hold credits
+            self.window = int(f.get("window", SHIP_WINDOW))
             self.start_program(self._program())
             return _reply(f, {"unit": self.unit})
         if kind == "warm":
@@ -447,6 +489,10 @@ class GpuDevice(Device):
         self.step_times: dict[int, tuple[float, float]] = {}  # seq -> (start, end)
         self.gpu_busy_by_seq: dict[int, float] = {}
         self.other_busy_s = 0.0
+        self.seen_pids: set[int] = set()  # every transfer id that reached it this run
+        # the MoE step in progress: its seq and the activations sent to each unit (kept so
+        # that a restarted unit can be sent them again)
+        self.acts_out: tuple[int, dict[int, tuple[dict[str, Any], np.ndarray]]] | None = None
 
     def handle(self, msg: wire.Message) -> list:
         f = msg.fields
@@ -470,6 +516,21 @@ class GpuDevice(Device):
             return _reply(f, {}, [wire.json_array(rep)])
         if kind == "collect":
             return _reply(f, {}, [self.outputs])
+        if kind == "status":  # recovery: where the GPU stands and what reached it
+            cur = self.acts_out
+            seq = cur[0] if cur is not None else -1
+            return _reply(f, {"seq": seq, "units": sorted(cur[1]) if cur is not None else [],
+                              "partials": sorted(self.partials.get(seq, {})),
+                              "combined": max(self.step_times, default=-1)},
+                          [np.asarray(sorted(self.seen_pids), dtype=np.int64)])
+        if kind == "resend":  # recovery: the step's activations again, to a restarted unit
+            u, seq = _int(f, "unit"), _int(f, "seq")
+            cur = self.acts_out
+            sent = cur is not None and cur[0] == seq and u in cur[1]
+            if sent:
+                fields, arr = cur[1][u]
+                self.send_link(fields, [arr])
+            return _reply(f, {"resent": sent})
         raise ProtocolError(f"GPU got an unknown task kind {kind!r}")
 
     def on_message(self, peer: bytes, msg: wire.Message) -> None:
@@ -488,6 +549,7 @@ class GpuDevice(Device):
 
     def _landed(self, f: dict[str, Any], arrays: list[np.ndarray]) -> None:
         pid = int(f["pid"])
+        self.seen_pids.add(pid)
         if pid in self.dropped:  # evicted while in flight
             self.dropped.discard(pid)
             return
@@ -582,11 +644,15 @@ class GpuDevice(Device):
         rows, gates = arrays[0], arrays[1]
         units = [int(u) for u in f["units"]]
         unit_rows = {u: arrays[2 + i] for i, u in enumerate(units)}
+        sent: dict[int, tuple[dict[str, Any], np.ndarray]] = {}
         for u in units:
             r = unit_rows[u]
-            self.send_link({"kind": "activation", "dst": f"ndp{u}", "at_s": start, "seq": seq,
-                            "true_bytes": int(cost.activation_bytes(len(r))),
-                            "label": f"act->ndp{u}"}, [np.ascontiguousarray(xn[r])])
+            act = ({"kind": "activation", "dst": f"ndp{u}", "at_s": start, "seq": seq,
+                    "true_bytes": int(cost.activation_bytes(len(r))), "label": f"act->ndp{u}"},
+                   np.ascontiguousarray(xn[r]))
+            self.send_link(act[0], [act[1]])
+            sent[u] = act
+        self.acts_out = (seq, sent)
         traced = self.trace_seqs[0] <= seq <= self.trace_seqs[1]
         # own experts: cached ones first (plan order), then fetched ones as their weights land
         meta = f["meta"]  # [expert, lo, hi, n_rows, transfer id, fetched]
@@ -638,6 +704,7 @@ class GpuDevice(Device):
             return x + out
 
         x = yield from self.work(comb, combine, last, "combine", f"L{layer}", seq)
+        self.acts_out = None
         self.step_times[seq] = (step_start, self.free_s)
         self.gpu_busy_by_seq[seq] = busy + comb  # modelled; busy_by_seq has the measured
         return x
@@ -776,6 +843,10 @@ class DeviceServer:
                 self.transport.send(peer, wire.encode("pong", {"seq": msg.fields["seq"],
                                                                "wall_s": wall_now()}))
                 return
+            if msg.type == "cmd" and peer == SCHED_PEER:
+                self._command(peer, msg)
+                self.handled += 1
+                return
             if msg.type in ("cmd", "data"):
                 self.device.on_message(peer, msg)
                 self.handled += 1
@@ -806,6 +877,46 @@ class DeviceServer:
             self.transport.send(peer, reply)
         except EmulationError:
             self.rejected += 1
+
+    def _command(self, peer: bytes, msg: wire.Message) -> None:
+        """A ``cmd`` from the scheduler. ``pause`` and ``resume`` act at once (the run's clock,
+        :meth:`Device.pause`). A command with a sequence number ``cseq`` (the scheduler numbers
+        its commands when it injects drops) is acknowledged at once with an ``event`` ``ack``
+        and applied in number order: one that comes early waits for those before it, a copy of
+        one already here (a retry whose first send did arrive) is counted and ignored."""
+        dev = self.device
+        f = msg.fields
+        kind = f["kind"]
+        if kind == "pause":
+            dev.pause()
+            return
+        if kind == "resume":
+            shift = f.get("shift_s")
+            if not isinstance(shift, (int, float)) or isinstance(shift, bool):
+                raise ProtocolError("resume needs shift_s, a number")
+            dev.resume(float(shift))
+            return
+        c = f.get("cseq")
+        if c is None:
+            dev.on_message(peer, msg)
+            return
+        if type(c) is not int or c < 1:
+            raise ProtocolError(f"cseq must be an int >= 1, got {c!r}")
+        self.transport.send(peer, wire.encode("event", {"kind": "ack", "cseq": c}))
+        if c < dev.cmd_next or c in dev.cmd_held:
+            dev.cmd_duplicates += 1
+            return
+        dev.cmd_held[c] = msg
+        error: Exception | None = None
+        while dev.cmd_next in dev.cmd_held:
+            m = dev.cmd_held.pop(dev.cmd_next)
+            dev.cmd_next += 1
+            try:
+                dev.on_message(peer, m)
+            except Exception as exc:  # the rest still apply; the first error is answered
+                error = error or exc
+        if error is not None:
+            raise error
 
     def _beat(self) -> None:
         seq = 0

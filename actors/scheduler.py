@@ -22,7 +22,11 @@ policy took to decide (host speed, undilated).
 
 Faults (DESIGN.md section 9) are the :class:`Dispatcher`'s business: deadlines on every
 wait, heartbeats (a device silent for ``emulate.heartbeat_timeout_s`` is dead, and the run
-fails naming it and the step it was given). A failed run leaves what it recorded with
+fails naming it and the step it was given, or with ``emulate.recover`` waits for Ray to
+restart it and brings it up to date: :meth:`SchedulerCore._on_rejoin`), and with a drop fault
+numbered, acknowledged commands that are sent again when lost. While a fault the scheduler
+injected is found and repaired the whole emulated system is paused (:class:`World`), so the
+wall time that takes is not emulated time. A failed run leaves what it recorded with
 :meth:`SchedulerCore.partial`.
 """
 
@@ -43,6 +47,7 @@ import policies
 from actors import kernels as K
 from actors import wire
 from actors.clock import wall_now
+from actors.devices import SHIP_WINDOW
 from actors.link import CLASS_FETCH, CLASS_PREFETCH, LINK_PEER
 from actors.transport import Refusals, Transport
 from cluster.analytic import make_prefetcher, policy_cost_config
@@ -55,13 +60,11 @@ from cluster.spec import Config
 GPU_PEER = b"gpu"
 HEARTBEAT_SUFFIX = b".hb"  # a device's heartbeat socket is its name plus this
 
-RETRY_S = 0.2  # first per-try wait for a reply when messages may be dropped (then doubling)
-RETRY_MAX_S = 1.0
-MAX_TRIES = 16  # sends of one task at most; after the last one only the deadline applies
+RTO_S = 0.05  # a sequenced command unacknowledged this long is sent again (then doubling)
+RTO_MAX_S = 0.4
 REJOIN_TIMEOUT_S = 120.0  # a dead unit must be restarted and rejoin within this (recovery)
-POLL_S = 0.1  # longest receive slice while waiting, so silence and retries are noticed
-IDLE_MIN_S = 1.0  # paced waits longer than this watch the heartbeats while they wait
-IDLE_MARGIN_S = 0.01  # ...until this much before the target, then the clock's precise sleep
+POLL_S = 0.1  # longest receive slice while waiting, so silence is noticed
+RESUME_MARGIN_S = 2e-3  # a paused run's clocks restart this long after the resume is sent
 
 
 def unit_peer(u: int) -> bytes:
@@ -82,10 +85,12 @@ class EmulationStats:
     epoch_s: float = 0.0
     decisions_s: list[float] = field(default_factory=list)  # real plan time per MoE step
     recoveries: int = 0
-    recovery_wall_s: float = 0.0
-    retries: int = 0
-    retry_wall_s: float = 0.0
-    dropped: int = 0
+    recovery_wall_s: float = 0.0  # wall time the run was paused for recoveries
+    retries: int = 0  # sequenced commands sent again (a lost send, or a late acknowledgement)
+    retry_wall_s: float = 0.0  # wall time the run was paused for lost commands
+    dropped: int = 0  # sends lost by the injected drop fault
+    duplicates: int = 0  # copies of commands the devices already had (retries sent too early)
+    pauses: int = 0  # times the run's clock was paused
     kills: list[str] = field(default_factory=list)  # injected kills fired
     reports: dict[str, Any] = field(default_factory=dict)  # device/link name -> its report
     steps: list[dict[str, Any]] = field(default_factory=list)  # per MoE step, what was decided
@@ -99,6 +104,7 @@ class EmulationStats:
         return {"messages": self.messages, "wall_s": self.wall_s, "recoveries": self.recoveries,
                 "recovery_wall_s": self.recovery_wall_s, "retries": self.retries,
                 "retry_wall_s": self.retry_wall_s, "dropped_messages": self.dropped,
+                "duplicate_commands": self.duplicates, "pauses": self.pauses,
                 "injected_kills": list(self.kills)}
 
 
@@ -112,8 +118,6 @@ class _Pending:
     what: str
     created_s: float  # wall time the task was issued
     sends_s: list[float] = field(default_factory=list)  # wall time of each send (attempt)
-    retry_after_s: float = RETRY_S
-    resent_by: str = ""  # "retry" or "recovery" once sent again
 
     @property
     def tries(self) -> int:
@@ -123,43 +127,49 @@ class _Pending:
     def last_s(self) -> float:
         return self.sends_s[-1] if self.sends_s else -math.inf
 
-    def lost_s(self, attempt: Any) -> float:
-        """Wall time from the task's issue to the send whose reply came (the one that ran)."""
-        if not self.sends_s:
-            return 0.0
-        k = attempt if isinstance(attempt, int) and 1 <= attempt <= len(self.sends_s) else len(self.sends_s)
-        return self.sends_s[k - 1] - self.created_s
+
+@dataclass
+class _Sequenced:
+    """A sequenced command sent and not yet acknowledged."""
+
+    frames: list
+    what: str
+    last_s: float = -math.inf  # wall time of its latest send
+    rto_s: float = RTO_S
 
 
 class Dispatcher:
     """The scheduler's messaging: task ids, sends, and gathering replies within a deadline.
 
-    Failure handling (DESIGN.md section 9), all while gathering:
+    Failure handling (DESIGN.md section 9):
 
     - **deadline**: no reply within ``timeout_s`` fails the wait, naming who and what;
     - **heartbeat**: every message from a device (its heartbeats from ``<name>.hb`` included)
       marks it alive; a device waited on and silent for ``heartbeat_timeout_s`` is dead;
     - **restart**: a ``hello`` with a new ``incarnation`` means the device was restarted;
-    - **recovery** (``recover``): a dead NDP unit is waited for until its restarted process
-      greets from its main socket, ``on_rejoin(peer)`` re-warms and resets it, and every task
-      it had not answered is sent again; without recovery (and for the GPU, which holds the
-      hidden state) a dead device fails the run with :class:`EmulationError`;
-    - **drop** (``drop_p``, seeded by ``rng``): each task send is lost with that probability;
-      a task unanswered after a per-try wait (``RETRY_S``, doubling) is sent again, at most
-      ``MAX_TRIES`` times; devices answer a repeated task id from their reply cache.
-
-    Every send of a task carries its ``attempt`` number and devices echo the attempt that
-    actually ran, so the wall time lost to recovery and retries (from a task's first send to
-    the send that ran) is known exactly; it is reported to ``on_lost(wall_s, why)`` once per
-    outermost wait, so that the run's clock can skip it.
+    - **recovery** (``recover``): a dead NDP unit is waited for (``REJOIN_TIMEOUT_S``) until its
+      restarted process greets from its main socket; ``on_down(peer)`` is told when it is
+      found dead, ``on_rejoin(peer)`` when it is back (it brings the unit up to date and sends
+      it what it had not done), and every task it had not answered is sent again; without
+      recovery (and for the GPU, which holds the hidden state) a dead device fails the run
+      with :class:`EmulationError`;
+    - **drop** (``drop_p``, seeded by ``rng``, with ``sequenced`` on): the one-way commands of
+      :meth:`post` to a device carry a per-device number ``cseq`` and are acknowledged by
+      their receiver (``event`` ``ack``); each send is lost with probability ``drop_p``
+      (``on_drop((peer, cseq))`` is told at once: the scheduler pauses the run) and a command
+      unacknowledged for ``RTO_S`` (doubling up to ``RTO_MAX_S``) is sent again;
+      ``on_acked((peer, cseq))`` is told when a lost one is acknowledged. A retry whose first
+      send did arrive is a duplicate its receiver ignores and counts, so that
+      ``retries == dropped + duplicates`` over a run. Commands to the link, tasks, pings and
+      the pause itself are never dropped.
 
     Who is listened to (issue 13): with ``peers`` (the run's devices and the link) a message
     from anyone else is dropped unanswered and recorded in ``refusals``; it can neither end
     nor steer the run. A malformed message from a known peer (bad frames, an ``event`` whose
-    fields do not fit its kind, an event other than ``failed`` from a unit) is answered with
-    ``error``, counted in ``malformed`` and otherwise ignored. What still fails the run comes
-    from a run's own device: its ``error`` reply, its ``failed`` event, a new incarnation in
-    its ``hello`` (it was restarted), its silence.
+    fields do not fit its kind, an event other than ``failed`` or ``ack`` from a unit) is
+    answered with ``error``, counted in ``malformed`` and otherwise ignored. What still fails
+    the run comes from a run's own device: its ``error`` reply, its ``failed`` event, a new
+    incarnation in its ``hello`` (it was restarted) without recovery, its silence.
     """
 
     def __init__(self, transport: Transport, timeout_s: float, *,
@@ -174,6 +184,7 @@ class Dispatcher:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.recover = recover
         self.drop_p = drop_p
+        self.sequenced = drop_p > 0  # number and acknowledge the commands to devices
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.ids = itertools.count(1)
         self.ping_seq = itertools.count(1)
@@ -185,15 +196,25 @@ class Dispatcher:
         self.last_seen: dict[bytes, float] = {}
         self.incarnation: dict[bytes, Any] = {}
         self.down: dict[bytes, tuple[float, str]] = {}  # peer -> (since, cause), awaiting rejoin
+        self.cseq: dict[bytes, int] = {}  # peer -> the last command number it was sent
+        self.unacked: dict[tuple[bytes, int], _Sequenced] = {}
+        self.lost: set[tuple[bytes, int]] = set()  # dropped and not acknowledged since
         self.on_rejoin: Callable[[bytes], None] | None = None
-        self.on_lost: Callable[[float, str], None] | None = None
+        self.on_down: Callable[[bytes], None] | None = None
+        self.on_drop: Callable[[tuple[bytes, int]], None] | None = None
+        self.on_acked: Callable[[tuple[bytes, int]], None] | None = None
         self.dropped = self.retries = self.recoveries = 0
-        self.recovery_wall_s = self.retry_wall_s = 0.0
-        self._depth = 0
+        self.progress_s = wall_now()  # the last rejoin or resume (deadlines count from it)
 
     def counters(self) -> dict[str, float]:
-        return {"dropped": self.dropped, "retries": self.retries, "recoveries": self.recoveries,
-                "recovery_wall_s": self.recovery_wall_s, "retry_wall_s": self.retry_wall_s}
+        return {"dropped": self.dropped, "retries": self.retries, "recoveries": self.recoveries}
+
+    def new_run(self, drop_p: float, sequenced: bool) -> None:
+        """Fresh command numbers for a run (devices expect 1 after their ``reset``)."""
+        self.drop_p, self.sequenced = drop_p, sequenced
+        self.cseq.clear()
+        self.unacked.clear()
+        self.lost.clear()
 
     # --- sending ---------------------------------------------------------------------------
     def send(self, peer: bytes, fields: dict[str, Any], arrays: list[np.ndarray] = (),
@@ -210,21 +231,79 @@ class Dispatcher:
                 raise
         return tid
 
-    def _transmit(self, tid: int, reason: str = "") -> None:
+    def _transmit(self, tid: int) -> None:
         p = self.pending[tid]
-        if reason:
-            p.resent_by = reason
-            if reason == "retry":
-                self.retries += 1
         p.sends_s.append(wall_now())
         frames = wire.encode("task", {"task_id": tid, "attempt": p.tries, **p.fields}, p.arrays)
-        if self.drop_p and self.rng.random() < self.drop_p:
-            self.dropped += 1
-            return
         try:
             self.tr.send(p.peer, frames)
         except EmulationError as exc:  # not connected: the device is gone (or restarting)
             self._mark_down(p.peer, f"is unreachable ({exc})", p.what)
+
+    def post(self, peer: bytes, kind: str, fields: dict[str, Any],
+             arrays: list[np.ndarray] = ()) -> None:
+        """A one-way ``cmd`` (no reply): dispatch is fire-and-forget, the devices listen.
+        With ``sequenced``, one to a device is numbered, may be lost (``drop_p``), and is
+        sent again until acknowledged (see the class docstring)."""
+        self.sent += 1
+        if not self.sequenced or peer == LINK_PEER:
+            self._send_cmd(peer, wire.encode("cmd", {"kind": kind, **fields}, list(arrays)), kind)
+            return
+        c = self.cseq[peer] = self.cseq.get(peer, 0) + 1
+        cmd = _Sequenced(wire.encode("cmd", {"kind": kind, "cseq": c, **fields}, list(arrays)),
+                         f"a {kind} command")
+        self.unacked[(peer, c)] = cmd
+        self._send_sequenced(peer, c, cmd)
+
+    def _send_cmd(self, peer: bytes, frames: list, kind: str) -> None:
+        try:
+            self.tr.send(peer, frames)
+        except EmulationError as exc:
+            self._mark_down(peer, f"is unreachable ({exc})", f"a {kind} command")
+
+    def _send_sequenced(self, peer: bytes, c: int, cmd: _Sequenced) -> None:
+        cmd.last_s = wall_now()
+        if self.drop_p and self.rng.random() < self.drop_p:  # the injected fault: lost
+            self.dropped += 1
+            if (peer, c) not in self.lost:
+                self.lost.add((peer, c))
+                if self.on_drop is not None:
+                    self.on_drop((peer, c))
+            return
+        self._send_cmd(peer, cmd.frames, cmd.what)
+
+    def retransmit(self, now: float | None = None) -> float:
+        """Sends again every sequenced command unacknowledged past its timeout (not to a
+        device that is down: it is brought up to date when it rejoins). Returns how long
+        until the next one is due (``inf``: none waits)."""
+        if not self.unacked:
+            return math.inf
+        now = wall_now() if now is None else now
+        nxt = math.inf
+        for (peer, c), cmd in list(self.unacked.items()):
+            if peer in self.down:
+                continue
+            due = cmd.last_s + cmd.rto_s
+            if now >= due:
+                cmd.rto_s = min(2 * cmd.rto_s, RTO_MAX_S)
+                self.retries += 1
+                self._send_sequenced(peer, c, cmd)
+                due = cmd.last_s + cmd.rto_s
+            nxt = min(nxt, due - now)
+        return max(0.0, nxt)
+
+    def forget(self, peer: bytes) -> list[tuple[bytes, int]]:
+        """Drops the sequenced commands of ``peer``'s previous incarnation (a restarted unit
+        is brought up to date instead); returns the lost ones among them."""
+        keys = [k for k in self.unacked if k[0] == peer]
+        for k in keys:
+            del self.unacked[k]
+        gone = sorted(k for k in self.lost if k[0] == peer)
+        self.lost.difference_update(gone)
+        return gone
+
+    def next_cseq(self, peer: bytes) -> int:
+        return self.cseq.get(peer, 0) + 1
 
     # --- receiving -------------------------------------------------------------------------
     def _handle(self, peer: bytes, frames: list, what: str, errors: bool = True) -> None:
@@ -249,11 +328,18 @@ class Dispatcher:
             p = self.pending.pop(msg.fields["task_id"], None)
             if p is not None and p.peer == base:
                 self.inbox[msg.fields["task_id"]] = (msg, p)
-            # else: a stale or stray reply (a retry answered twice, a failed wait): ignore
+            # else: a stale or stray reply (a failed wait's): ignore
         elif msg.type == "hello":
             self._hello(base, peer == base, msg.fields.get("incarnation"), what)
         elif msg.type == "pong":
             self.pongs[(base, msg.fields["seq"])] = float(msg.fields.get("wall_s", math.nan))
+        elif msg.type == "event" and msg.fields["kind"] == "ack":
+            key = (base, msg.fields["cseq"])
+            self.unacked.pop(key, None)
+            if key in self.lost:
+                self.lost.discard(key)
+                if self.on_acked is not None:
+                    self.on_acked(key)
         elif msg.type == "event":
             self.events.append((base, msg))
         elif msg.type == "error" and errors:
@@ -287,6 +373,8 @@ class Dispatcher:
                 f"With recovery on (emulate.recover = true, --recover) a dead NDP unit is "
                 f"restarted and the step re-dispatched")
         self.down[peer] = (wall_now(), cause)
+        if self.on_down is not None:
+            self.on_down(peer)
 
     def _rejoin(self, peer: bytes, incarnation: Any) -> None:
         """A restarted unit greets: bring it up to date, then send it what it never answered."""
@@ -297,13 +385,21 @@ class Dispatcher:
         if self.on_rejoin is not None:
             self.on_rejoin(peer)
         for tid in sorted(t for t, p in self.pending.items() if p.peer == peer and p.last_s <= t0):
-            self._transmit(tid, "recovery")
+            self._transmit(tid)
+        self.progress_s = wall_now()
+
+    def _check_down(self, now: float, what: str) -> None:
+        for peer, (since, cause) in sorted(self.down.items()):
+            if now - since > REJOIN_TIMEOUT_S:
+                raise EmulationError(
+                    f"{peer.decode()} {cause} while the scheduler awaited {what}, and was not "
+                    f"restarted within {REJOIN_TIMEOUT_S:g} s (Ray's restarts for it may be "
+                    f"used up)")
 
     def idle_until(self, wall_s: float, what: str) -> None:
         """Waits until wall time ``wall_s`` watching every known device's heartbeat, so that a
-        device that dies during a long paced wait is noticed then, not at the next step. A
-        unit restarted meanwhile rejoins at once; the wall time that takes is reported lost
-        (and the wait grows by it, as the run's clock does)."""
+        device that dies during a long wait is noticed then. A unit restarted meanwhile
+        rejoins at once."""
         hb = self.heartbeat_timeout_s
         start = wall_now()
         while (now := wall_now()) < wall_s:
@@ -314,16 +410,8 @@ class Dispatcher:
                         self._mark_down(peer, f"went silent: no heartbeat for {silent:.1f} s "
                                         f"(emulate.heartbeat_timeout_s = {hb:g})", what)
             got = self.tr.recv(min(POLL_S, wall_s - now))
-            if got is None:
-                continue
-            before, t0 = self.recoveries, wall_now()
-            self._handle(got[0], got[1], what)
-            if self.recoveries != before:
-                lost = wall_now() - t0
-                self.recovery_wall_s += lost
-                wall_s += lost
-                if self.on_lost is not None:
-                    self.on_lost(lost, "recovery")
+            if got is not None:
+                self._handle(got[0], got[1], what)
 
     def gather(self, waiting: dict[int, bytes], what: str,
                timeout_s: float | None = None) -> dict[bytes, wire.Message]:
@@ -333,7 +421,6 @@ class Dispatcher:
         start = wall_now()
         deadline = start + timeout
         rejoined = self.recoveries
-        self._depth += 1
         try:
             while True:
                 open_ = [t for t in waiting if t not in self.inbox]
@@ -342,18 +429,12 @@ class Dispatcher:
                 now = wall_now()
                 if self.recoveries != rejoined:  # a unit came back: its work starts over
                     rejoined, deadline = self.recoveries, max(deadline, now + timeout)
-                if self.drop_p:
-                    for t in open_:
-                        p = self.pending.get(t)
-                        if (p is not None and p.peer not in self.down and p.tries < MAX_TRIES
-                                and now - p.last_s >= p.retry_after_s):
-                            p.retry_after_s = min(2 * p.retry_after_s, RETRY_MAX_S)
-                            self._transmit(t, "retry")
+                poll = min(POLL_S, self.retransmit(now))
                 # A peer's silence is counted from this wait's start at the earliest, so nobody
                 # can be silent for longer than the wait has lasted: the usual fast reply skips
                 # the bookkeeping below altogether.
                 if not (hb and now - start > hb) and not self.down:
-                    got = self.tr.recv(min(POLL_S, max(0.0, deadline - now)))
+                    got = self.tr.recv(min(poll, max(0.0, deadline - now)))
                     if got is not None:
                         self._handle(got[0], got[1], what)
                     elif now > deadline:
@@ -369,20 +450,14 @@ class Dispatcher:
                             self._mark_down(peer, f"went silent: no heartbeat or reply for "
                                             f"{silent:.1f} s (emulate.heartbeat_timeout_s = {hb:g})",
                                             what)
-                down = sorted(peers & set(self.down))
-                for peer in down:
-                    since, cause = self.down[peer]
-                    if now - since > REJOIN_TIMEOUT_S:
-                        raise EmulationError(
-                            f"{peer.decode()} {cause} while the scheduler awaited {what}, and was "
-                            f"not restarted within {REJOIN_TIMEOUT_S:g} s (Ray's restarts for it "
-                            f"may be used up)")
+                self._check_down(now, what)
+                down = peers & set(self.down)
                 if not down and now > deadline:
                     names = ", ".join(sorted(p.decode() for p in peers))
                     raise EmulationError(f"no reply from {names} within {timeout:g} s while "
                                          f"awaiting {what}")
-                left = deadline - now if not down else POLL_S
-                got = self.tr.recv(min(POLL_S, max(0.0, left)))
+                left = deadline - now if not down else poll
+                got = self.tr.recv(min(poll, max(0.0, left)))
                 if got is not None:
                     self._handle(got[0], got[1], what)
         except BaseException:
@@ -390,23 +465,7 @@ class Dispatcher:
                 self.pending.pop(t, None)
                 self.inbox.pop(t, None)
             raise
-        finally:
-            self._depth -= 1
-        out: dict[bytes, wire.Message] = {}
-        lost, why = 0.0, ""
-        for t, peer in waiting.items():
-            msg, p = self.inbox.pop(t)
-            out[peer] = msg
-            if p.resent_by and p.lost_s(msg.fields.get("attempt")) > lost:
-                lost, why = p.lost_s(msg.fields.get("attempt")), p.resent_by
-        if lost > 0 and self._depth == 0:  # nested waits (a rejoin's) are inside the outer one
-            if why == "recovery":
-                self.recovery_wall_s += lost
-            else:
-                self.retry_wall_s += lost
-            if self.on_lost is not None:
-                self.on_lost(lost, why)
-        return out
+        return {peer: self.inbox.pop(t)[0] for t, peer in waiting.items()}
 
     def call(self, peer: bytes, fields: dict[str, Any], arrays: list[np.ndarray] = (),
              what: str = "", timeout_s: float | None = None) -> wire.Message:
@@ -416,34 +475,31 @@ class Dispatcher:
 
     def next_event(self, what: str, timeout_s: float | None = None) -> tuple[bytes, wire.Message]:
         """The next ``event`` from a device, watching every known device's heartbeat meanwhile
-        (a silent one is dead: the run fails naming it and ``what``)."""
+        (a silent one is dead: the run fails naming it and ``what``, or with recovery on it
+        is waited for, within ``REJOIN_TIMEOUT_S``) and sending again the sequenced commands
+        whose acknowledgement is late. The progress deadline counts from the later of this
+        wait's start and the last rejoin or resume."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         hb = self.heartbeat_timeout_s
         start = wall_now()
         while not self.events:
             now = wall_now()
+            poll = min(POLL_S, self.retransmit(now))
             if hb and now - start > min(hb, 0.5):
                 for peer in sorted(self.incarnation):
                     silent = now - self.last_seen.get(peer, start)
                     if silent > hb:
                         self._mark_down(peer, f"went silent: no heartbeat for {silent:.1f} s "
                                         f"(emulate.heartbeat_timeout_s = {hb:g})", what)
-            if now - start > timeout:
+            if self.down:
+                self._check_down(now, what)
+            elif now - max(start, self.progress_s) > timeout:
                 raise EmulationError(f"no progress from the devices within {timeout:g} s while "
                                      f"the scheduler awaited {what}")
-            got = self.tr.recv(POLL_S)
+            got = self.tr.recv(poll)
             if got is not None:
                 self._handle(got[0], got[1], what)
         return self.events.popleft()
-
-    def post(self, peer: bytes, kind: str, fields: dict[str, Any],
-             arrays: list[np.ndarray] = ()) -> None:
-        """A one-way ``cmd`` (no reply): dispatch is fire-and-forget, the devices listen."""
-        self.sent += 1
-        try:
-            self.tr.send(peer, wire.encode("cmd", {"kind": kind, **fields}, list(arrays)))
-        except EmulationError as exc:
-            self._mark_down(peer, f"is unreachable ({exc})", f"a {kind} command")
 
     def ping(self, peer: bytes, n: int = 20) -> list[float]:
         """Round trips to ``peer`` in wall seconds (calibration and health)."""
@@ -473,20 +529,23 @@ class Dispatcher:
 
 
 _FROM_PEERS = frozenset({"result", "hello", "pong", "event", "error"})
-# event kind -> required fields and their types (the GPU's events; ``failed`` from any device)
+# event kind -> required fields and their types (the GPU's events; ``failed`` and ``ack`` from
+# any device)
 _EVENTS: dict[str, dict[str, Any]] = {
     "routed": {"seq": int, "layer": int, "at_s": (int, float), "landed": list},
     "token": {"step": int, "at_s": (int, float), "wall_s": (int, float)},
     "done": {},
     "failed": {"message": str},
+    "ack": {"cseq": int},
 }
+_FROM_ANY_DEVICE = frozenset({"failed", "ack"})
 
 
 def _check_event(peer: bytes, f: dict[str, Any]) -> None:
     """Raises ProtocolError unless an ``event`` from ``peer`` has its kind's fields."""
     kind = f["kind"]
     need = _EVENTS.get(kind)
-    if need is None or (kind != "failed" and peer != GPU_PEER):
+    if need is None or (kind not in _FROM_ANY_DEVICE and peer != GPU_PEER):
         raise ProtocolError(f"event {kind!r} is not one {peer.decode(errors='replace')} sends")
     for name, typ in need.items():
         v = f.get(name)
@@ -505,6 +564,100 @@ def step_order(cfg: Config, decode_steps: int) -> list[tuple[str, int, int]]:
     for s in range(1, decode_steps + 1):
         out += [("decode", s, layer) for layer in range(L)]
     return out
+
+
+class World:
+    """The run's pause switch: the emulated clock stops while a fault is found and repaired.
+
+    When the scheduler injects a fault (a lost command, a killed unit) it pauses the whole
+    emulated system at once, before the fault can delay anything: every device and the link
+    get ``cmd`` ``pause`` and freeze their clocks (no hold ends, no transfer is served, no
+    program runs; messages are still taken in, acknowledged and queued). Detecting the fault
+    (a missing acknowledgement, a silent heartbeat), sending the lost command again, waiting
+    for Ray to restart the unit, re-warming it and sending it what it had not done all
+    happen for real, in wall time, while the system is paused. When nothing holds the pause
+    any more every device and the link get ``cmd`` ``resume`` with the run's total paused
+    wall time ``shift_s``; each clock then reads ``wall - shift_s`` (run timebase), the same
+    mapping everywhere, so emulated time = (wall - epoch - paused wall time) / D
+    (DESIGN.md section 5) and the stamps made before the pause stay valid. The pause is taken
+    to end ``margin_s`` after the resume leaves (a few one-way hops): a receiver that gets it
+    within that margin resumes with a clock that reads a little *before* the moment of the
+    pause, when nothing is due (everything due then had happened before it froze), so all
+    clocks continue from the moment of the pause together. A death the scheduler did not
+    inject is paused from when it is found (its heartbeat timeout counts).
+
+    Residual error (README, "Clusters, faults and security"): a device or the link freezes
+    when the pause *reaches* it, one scheduler -> device hop (O(100 us) wall, a few ms when
+    the machine is loaded) after the scheduler paused; what it did inside that hop (a
+    transfer served, a hold ended) is kept, and a message that should have pre-empted it there
+    (a transfer of the faulty step on the link) is taken late instead (the link counts it in
+    ``late_arrivals``). A resume that arrives after its margin shifts that receiver's clock
+    by the excess. Both are bounded by a hop per pause: O(100 us) / D of emulated time. Real
+    work in progress when the pause arrives completes, inside its (emulated) slot.
+
+    ``hold(key, why)`` pauses (if not paused yet) until ``release(key)`` of every key held;
+    ``why`` (``"retry"`` or ``"recovery"``) names which wall-time counter the pause adds to
+    (recovery, when both). Only an armed world (the timed part of a run) pauses.
+    """
+
+    def __init__(self, net: Dispatcher, peers: Callable[[], list[bytes]]) -> None:
+        self.net, self.peers = net, peers
+        self.margin_s = RESUME_MARGIN_S  # raised to a few measured hops (sync_clocks)
+        self.armed = False
+        self.shift_s = 0.0  # wall seconds paused so far in this run
+        self.since: float | None = None  # wall time of the pause in force
+        self.holds: dict[Any, str] = {}
+        self.pauses = 0
+        self.paused_wall_s = {"retry": 0.0, "recovery": 0.0}
+        self._why: set[str] = set()
+
+    def arm(self) -> None:
+        self.armed, self.shift_s, self.since, self.pauses = True, 0.0, None, 0
+        self.holds.clear()
+        self.paused_wall_s = {"retry": 0.0, "recovery": 0.0}
+
+    def disarm(self) -> None:
+        self.holds.clear()
+        if self.since is not None:
+            self._resume()
+        self.armed = False
+
+    def now(self) -> float:
+        """The run's clock as the devices read it (the scheduler's wall time less pauses)."""
+        return (self.since if self.since is not None else wall_now()) - self.shift_s
+
+    def hold(self, key: Any, why: str) -> None:
+        if not self.armed:
+            return
+        if self.since is None:
+            self.since = wall_now()
+            self.pauses += 1
+            self._why = set()
+            self._broadcast({"kind": "pause"})
+        self.holds[key] = why
+        self._why.add(why)
+
+    def release(self, key: Any) -> None:
+        if self.holds.pop(key, None) is not None and not self.holds and self.since is not None:
+            self._resume()
+
+    def _resume(self) -> None:
+        paused = wall_now() + self.margin_s - self.since
+        self.shift_s += paused
+        self.paused_wall_s["recovery" if "recovery" in self._why else "retry"] += paused
+        self.since = None
+        self._broadcast({"kind": "resume", "shift_s": self.shift_s})
+        self.net.progress_s = wall_now()
+
+    def _broadcast(self, fields: dict[str, Any]) -> None:
+        """To every live device and the link, never dropped (it is the emulator's, not the
+        emulated system's, message); a dead unit is told its state when it rejoins."""
+        frames = wire.encode("cmd", fields)
+        for peer in [*self.peers(), LINK_PEER]:
+            if peer in self.net.down:
+                continue
+            with contextlib.suppress(EmulationError):
+                self.net.tr.send(peer, frames)
 
 
 class PolicyRun:
@@ -537,6 +690,11 @@ class PolicyRun:
         self.stats = EmulationStats()
         self.where: tuple[str, int, int] = ("prefill", 0, -1)
         self.tokens_done = 0
+        # books for recovery (what a restarted unit must be sent again)
+        self.unit_cmds: dict[int, tuple[int, dict[str, Any], list[np.ndarray]]] = {}  # last step
+        self.ships: dict[int, dict[int, tuple[str, list[int], float, int]]] = {}  # unit -> pid ->
+        self.cancelled: set[int] = set()  # transfer ids cancelled at the link
+        self.upgraded: set[int] = set()  # prefetches upgraded to on-demand fetches
 
     # --- one MoE step ---------------------------------------------------------------------
     def _step_routing(self, phase: str, step: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
@@ -553,7 +711,7 @@ class PolicyRun:
             raise EmulationError(f"gpu reached layer {layer} where the scheduler expected {lay} "
                                  f"(MoE step {seq})")
         self.where = (phase, step, layer)
-        self.stats.routed_late_s.append(wall_now() - float(f["at_s"]))  # receipt vs effect
+        self.stats.routed_late_s.append(self.core.world.now() - float(f["at_s"]))  # receipt vs effect
         for lay_, e, pid in f["landed"]:
             key = (int(lay_), int(e))
             if self.inflight.get(key) == int(pid):
@@ -653,8 +811,10 @@ class PolicyRun:
             fetch_pid[(fe.expert, fe.col_start, fe.col_end)] = pid
         pre = self._prefetch_orders(more)  # background prefetches after this step's fetches
         if cancel:
+            self.cancelled.update(cancel)
             net.post(LINK_PEER, "cancel", {"pids": cancel, "at_s": at})
         if upgrades:
+            self.upgraded.update(p for p, _ in upgrades)
             net.post(LINK_PEER, "upgrade", {"items": upgrades, "at_s": at})
             by_unit: dict[int, list[int]] = {}
             for (lay, e), pid in self.inflight.items():
@@ -663,14 +823,15 @@ class PolicyRun:
             for u, pids in sorted(by_unit.items()):  # still queued at the unit: send them next
                 net.post(unit_peer(u), "expedite", {"pids": pids})
         for u, items in sorted(ships.items()):
-            net.post(unit_peer(u), "ship", {"class": "fetch", "items": items, "at_s": at, "seq": seq})
+            self._ship(u, "fetch", items, at, seq)
         for u, items in sorted(pre.items()):
-            net.post(unit_peer(u), "ship", {"class": "prefetch", "items": items, "at_s": at})
+            self._ship(u, "prefetch", items, at)
         if self.core.kills and phase == "decode" and self.inject:
             self._inject_kills(step, layer, per_unit)
         # the units' shards (units of a tensor-parallel step share tokens and gates: built once)
         unit_rows: dict[int, np.ndarray] = {}
         built: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.unit_cmds = {}
         for u, tasks in sorted(per_unit.items()):
             key = tuple((t.expert, t.tokens) for t in tasks)
             got = built.get(key)
@@ -682,8 +843,9 @@ class PolicyRun:
                 got = built[key] = (toks.astype(np.int32), rows, gates)
             unit_rows[u] = got[0]
             meta = [[t.expert, t.col_start, t.col_end, len(t.tokens)] for t in tasks]
-            net.post(unit_peer(u), "moe", {"seq": seq, "layer": layer, "at_s": at, "meta": meta},
-                     [got[1], got[2]])
+            cmd = {"seq": seq, "layer": layer, "at_s": at, "meta": meta}
+            self.unit_cmds[u] = (seq, cmd, [got[1], got[2]])
+            net.post(unit_peer(u), "moe", cmd, [got[1], got[2]])
         # the GPU: its experts (cached transfer or fetch to wait for), units, evictions
         meta, rows, gates = [], [], []
         for t in gpu_tasks:
@@ -723,13 +885,51 @@ class PolicyRun:
             self.landed.pop(key, None)
             self.inflight.pop(key, None)
         for u, items in sorted(pre.items()):
-            self.core.net.post(unit_peer(u), "ship", {"class": "prefetch", "items": items, "at_s": at})
+            self._ship(u, "prefetch", items, at)
+
+    def _ship(self, u: int, cls: str, items: list[list[int]], at: float, seq: int | None = None) -> None:
+        """Orders unit ``u`` to ship weights to the GPU, and keeps the order in the books."""
+        book = self.ships.setdefault(u, {})
+        for it in items:
+            book[it[4]] = (cls, it, at, -1 if seq is None else seq)
+        fields = {"class": cls, "items": items, "at_s": at}
+        if seq is not None:
+            fields["seq"] = seq
+        self.core.net.post(unit_peer(u), "ship", fields)
+
+    def resend_ships(self, u: int, done: set[int]) -> int:
+        """Sends restarted unit ``u`` again the ship orders whose weights are not ``done``
+        (reached the GPU, held by the link, cancelled), in their first order; prefetches
+        upgraded since go out at once (``expedite``). Returns how many."""
+        book = self.ships.get(u, {})
+        for pid in [p for p in book if p in done or p in self.cancelled]:
+            del book[pid]
+        groups: list[tuple[tuple[str, float, int], list[list[int]]]] = []
+        for _pid, (cls, it, at, seq) in book.items():
+            key = (cls, at, seq)
+            if groups and groups[-1][0] == key:
+                groups[-1][1].append(it)
+            else:
+                groups.append((key, [it]))
+        for (cls, at, seq), items in groups:
+            fields = {"class": cls, "items": items, "at_s": at}
+            if seq >= 0:
+                fields["seq"] = seq
+            self.core.net.post(unit_peer(u), "ship", fields)
+        up = sorted(p for p in book if p in self.upgraded and book[p][0] == "prefetch")
+        if up:
+            self.core.net.post(unit_peer(u), "expedite", {"pids": up})
+        return len(book)
 
     def _inject_kills(self, step: int, layer: int, per_unit: dict[int, list]) -> None:
         """Tells each unit due to die now to ``die``, just before its shards of this step."""
         for k in list(self.core.kills):
             if step >= k.step and k.unit in per_unit:
                 self.core.kills.remove(k)
+                # the fault strikes now: with recovery on, the run pauses here until the unit
+                # is back (World); without, the run fails when the unit is found dead
+                if self.core.net.recover:
+                    self.core.world.hold(("down", unit_peer(k.unit)), "recovery")
                 self.core.tr.send(unit_peer(k.unit), wire.encode("task", {
                     "task_id": next(self.core.net.ids), "kind": "die"}))
                 self.stats.kills.append(f"ndp{k.unit}@decode step {step}, layer {layer}")
@@ -751,9 +951,17 @@ class SchedulerCore:
         rng = np.random.default_rng([cfg.workload.seed, 0xD809])
         self.net = Dispatcher(transport, self.timeout_s,
                               heartbeat_timeout_s=cfg.emulate.heartbeat_timeout_s,
-                              recover=False, rng=rng, peers=[*self.peers(), LINK_PEER])
+                              recover=cfg.emulate.recover, rng=rng,
+                              peers=[*self.peers(), LINK_PEER])
+        self.world = World(self.net, self.peers)
+        self.net.on_down = lambda peer: self.world.hold(("down", peer), "recovery")
+        self.net.on_rejoin = self._on_rejoin
+        self.net.on_drop = lambda key: self.world.hold(("drop", *key), "retry")
+        self.net.on_acked = lambda key: self.world.release(("drop", *key))
         self.kills: list[Kill] = list(self.faults.kills)  # each fires once per cluster
-        self.layouts: dict[int, np.ndarray] = {}
+        self.layouts: dict[int, np.ndarray] = {}  # unit -> the slices it generates (warm)
+        self._run: PolicyRun | None = None  # the policy running now (recovery's books)
+        self._reset_fields: dict[str, Any] = {}  # the running policy's device reset
         self.offsets: dict[bytes, float] = {}  # peer -> wall offset to this host's clock
         self.offset_residual_s: dict[str, float] = {}
         self.device_overrides: dict[str, Any] = {}  # tests: reset fields every device gets
@@ -779,6 +987,7 @@ class SchedulerCore:
             self.offsets[peer] = best[1]
             self.offset_residual_s[peer.decode()] = best[0] / 2
         self.hop_s = float(np.quantile(rtts, 0.9)) / 2
+        self.world.margin_s = max(RESUME_MARGIN_S, 4 * self.hop_s)
         return dict(self.offset_residual_s)
 
     def _all(self, fields: dict[str, Any], what: str, peers: list[bytes] | None = None,
@@ -792,8 +1001,8 @@ class SchedulerCore:
 
     def warm(self, layouts: dict[int, list[tuple[int, int, int, int]]]) -> dict[int, int]:
         """Has each unit generate its weight slices before any timed work."""
-        arrays = {unit_peer(u): [np.asarray(lay, dtype=np.int32).reshape(-1, 4)]
-                  for u, lay in layouts.items()}
+        self.layouts = {u: np.asarray(lay, dtype=np.int32).reshape(-1, 4) for u, lay in layouts.items()}
+        arrays = {unit_peer(u): [self.layouts[u]] for u in layouts}
         got = self._all({"kind": "warm"}, "weight generation", peers=list(arrays), arrays=arrays,
                         timeout_s=max(self.timeout_s, 600.0))
         return {int(m.fields["unit"]): int(m.fields["bytes"]) for m in got.values()}
@@ -826,6 +1035,12 @@ class SchedulerCore:
         per_peer = {p: {"offset_s": self.offsets.get(p, 0.0)} for p in self.peers()}
         w0 = wall_now()
         self.progress_tokens = 0
+        # drop faults (injected runs only): commands to devices are numbered and acknowledged
+        # for the whole run, and lost from the run's epoch on (not in the preload before it)
+        drop_p = self.faults.drop_p if run.inject else 0.0
+        self.net.new_run(0.0, sequenced=drop_p > 0)
+        before = self.net.counters()
+        self._run, self._reset_fields = run, base
         try:
             self._all(base, "reset", per_peer=per_peer)
             pf_class = CLASS_FETCH if self.cfg.link.prefetch_priority == "equal" else CLASS_PREFETCH
@@ -843,6 +1058,8 @@ class SchedulerCore:
                                       "lookahead_s": self.hop_s,
                                       "offset_s": self.offsets.get(LINK_PEER, 0.0)},
                           what="link reset")
+            self.world.arm()
+            self.net.drop_p = drop_p
             self.net.call(GPU_PEER, {"kind": "run", "epoch_s": epoch,
                                      "decode_steps": routing.decode_steps}, what="gpu run")
             total = len(run.order)
@@ -865,18 +1082,82 @@ class SchedulerCore:
                 elif kind == "failed":
                     raise EmulationError(f"{peer.decode()} failed at {self.step_name(*run.where)}: "
                                          f"{f.get('message', '')}")
+            self.net.drop_p = 0.0
+            self.world.disarm()
             run.stats.wall_s = wall_now() - w0
             got = self._all({"kind": "report"}, "run reports")
             for p, m in got.items():
                 run.stats.reports[p.decode()] = wire.from_json_array(m.arrays[0])
             run.stats.reports["link"] = wire.from_json_array(self.net.call(
                 LINK_PEER, {"kind": "report"}, what="link report").arrays[0])
+            run.stats.duplicates = sum(int(r.get("cmd_duplicates", 0))
+                                       for d, r in run.stats.reports.items() if d != "link")
         finally:
-            run.stats.wall_s = run.stats.wall_s or wall_now() - w0
-            self._last = (None, run.stats, run.where)
+            self.net.drop_p = 0.0
+            self.world.disarm()
+            self._run = None
+            after = self.net.counters()
+            st = run.stats
+            st.dropped = after["dropped"] - before["dropped"]
+            st.retries = after["retries"] - before["retries"]
+            st.recoveries = after["recoveries"] - before["recoveries"]
+            st.pauses = self.world.pauses
+            st.retry_wall_s = self.world.paused_wall_s["retry"]
+            st.recovery_wall_s = self.world.paused_wall_s["recovery"]
+            st.wall_s = st.wall_s or wall_now() - w0
+            self._last = (None, st, run.where)
         meta = {"epoch_s": run.stats.epoch_s, "dilation": dilation, "order": run.order,
                 "cost_cfg": cost_cfg, "offsets": {p.decode(): o for p, o in self.offsets.items()}}
         return run.stats, meta
+
+    def _on_rejoin(self, peer: bytes) -> None:
+        """A restarted NDP unit is back (recovery): measure its clock, reset it to the running
+        policy (paused if the run is), have it generate its weight slices again, then send it
+        what its predecessor had not done -- its shards of the step in progress unless its
+        partial reached the GPU or is on the link, the GPU's activations for them unless they
+        are on the link, and every ship order whose weights neither reached the GPU nor are
+        on the link (nor were cancelled) -- and let the run go on (:class:`World`)."""
+        u = int(peer[3:])
+        lost = self.net.forget(peer)  # commands to the dead process
+        self.offsets[peer] = min(self.net.ping_clock(peer, 4))[1]
+        run = self._run
+        try:
+            if run is not None:
+                pend = wire.from_json_array(self.net.call(
+                    LINK_PEER, {"kind": "pending"}, what=f"the link's transfers of {peer.decode()}"
+                ).arrays[0])
+                name = peer.decode()
+                to_it = {(k, q) for k, src, dst, q, _pid, _w in pend if dst == name}
+                from_it = [(k, q, pid, w) for k, src, dst, q, pid, w in pend if src == name]
+                window = SHIP_WINDOW - sum(1 for *_, w in from_it if w)
+                self.net.call(peer, {**self._reset_fields, "offset_s": self.offsets[peer],
+                                     "shift_s": self.world.shift_s,
+                                     "paused": self.world.since is not None,
+                                     "cseq_next": self.net.next_cseq(peer), "window": window},
+                              what=f"the reset of restarted {name}")
+            if u in self.layouts:
+                self.net.call(peer, {"kind": "warm"}, [self.layouts[u]],
+                              what=f"weight generation on restarted {peer.decode()}",
+                              timeout_s=max(self.timeout_s, 600.0))
+            if run is None:
+                return
+            st = self.net.call(GPU_PEER, {"kind": "status"}, what="the GPU's state (recovery)")
+            seen = set(np.asarray(st.arrays[0]).tolist())
+            cur, combined = int(st.fields["seq"]), int(st.fields["combined"])
+            step = run.unit_cmds.get(u)
+            if step is not None and step[0] > combined:
+                seq = step[0]
+                has_partial = seq == cur and u in st.fields["partials"]
+                if not has_partial and ("partial", seq) not in {(k, q) for k, q, _, _ in from_it}:
+                    self.net.post(peer, "moe", step[1], step[2])
+                    if seq == cur and ("activation", seq) not in to_it:
+                        self.net.call(GPU_PEER, {"kind": "resend", "unit": u, "seq": seq},
+                                      what="the GPU's activations again (recovery)")
+            run.resend_ships(u, seen | {pid for _, _, pid, _ in from_it if pid is not None})
+        finally:
+            for key in lost:  # lost commands of the dead process: replaced by the above
+                self.world.release(("drop", *key))
+            self.world.release(("down", peer))
 
     def _preload(self, run: PolicyRun) -> None:
         """Keys the prefetcher holds from the start (model load time): shipped for real over
