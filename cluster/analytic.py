@@ -203,7 +203,7 @@ class Episode:
         self.charge_decision = cfg.emulate.charge_decision_time
         self.equal_priority = cfg.link.prefetch_priority == "equal"
         # the base class's after_step adds nothing: no need to count the routed tokens for it
-        self.pf_after_step = type(self.pf).after_step is not Prefetcher.after_step
+        self.pf_after_step = getattr(self.pf.after_step, "__func__", None) is not Prefetcher.after_step
         # per layer, cached experts seen resident (landed) at an earlier step; a key stays
         # resident until it is evicted, since its arrival time never changes while it is known
         self._landed: dict[int, set[int]] = {}

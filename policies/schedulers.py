@@ -117,6 +117,7 @@ class TensorParallelLoadBalanced(TensorParallel):
         self._ndp_of: dict[int, dict[int, float]] = {w: {} for w in sorted(set(self.widths))}
         self._gpu_of: dict[int, float] = {}
         self._combine_of: dict[int, dict[int, float]] = {}
+        self._decided: dict[tuple, tuple[int, float]] = {}  # step shape -> best prefix, makespan
 
     def _add_token_count(self, n: int) -> None:
         for w, per_n in self._ndp_of.items():
@@ -134,6 +135,37 @@ class TensorParallelLoadBalanced(TensorParallel):
                 cands.append((-len(toks), e))
         cands.sort()
         order = [e for _, e in cands]
+        shape = self._shape(step, cached_tasks, cands)
+        decided = self._decided.get(shape)
+        if decided is None:
+            decided = self._decided[shape] = self._best_prefix(step, cached_tasks, order)
+        best, best_span = decided
+        plan = self._build(step, cached_tasks, order, best)
+        if (self.cfg.policy.lb_split == "fractional" and best < len(order)
+                and len(plan.fetches) < self.max_fetch):
+            plan = self._fractional(step, plan, best_span, order[best])
+        return plan
+
+    def _shape(self, step: StepInput, cached_tasks: list[Task],
+               cands: list[tuple[int, int]]) -> tuple:
+        """What :meth:`_prefix_timing` depends on, expert ids left out: the candidates'
+        token counts in rank order, how many distinct tokens each suffix of them holds, the
+        cached experts' token counts and all the step's distinct tokens. Steps of one shape
+        get the same prefix; at batch 1 a run has a handful of shapes."""
+        routed = step.routed
+        seen: set[int] = set()
+        suffix_tokens = []
+        for _, e in reversed(cands):
+            seen.update(routed[e])
+            suffix_tokens.append(len(seen))
+        for t in cached_tasks:
+            seen.update(t.tokens)
+        return (tuple([c for c, _ in cands]), tuple(suffix_tokens),
+                tuple([len(t.tokens) for t in cached_tasks]), len(seen))
+
+    def _best_prefix(self, step: StepInput, cached_tasks: list[Task], order: list[int]
+                     ) -> tuple[int, float]:
+        """The prefix length of ``order`` to move to the GPU, and its makespan."""
         limit = min(len(order), self.max_fetch)
         span, bound = self._prefix_timing(step, cached_tasks, order)
         memo: dict[int, float] = {}
@@ -161,11 +193,8 @@ class TensorParallelLoadBalanced(TensorParallel):
                 else:
                     hi = mid
             best = min({0, max(0, lo - 1), lo, min(limit, lo + 1)}, key=lambda m: (at(m), m))
-        plan = self._build(step, cached_tasks, order, best)
-        if (self.cfg.policy.lb_split == "fractional" and best < len(order)
-                and len(plan.fetches) < self.max_fetch):
-            plan = self._fractional(step, plan, memo[best], order[best])
-        return plan
+            best_span = memo[best]
+        return best, best_span
 
     def _build(self, step: StepInput, cached_tasks: list[Task], order: list[int], m: int) -> Plan:
         routed, d_ff = step.routed, self.d_ff
