@@ -256,7 +256,7 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False,
                 intervals.extend(Interval("link", "fetch", a, b, f"L{plan.layer} e{f.expert}")
                                  for a, b in segs)
         segments.sort()
-        link_busy = sum(b - a for a, b in segments)
+        link_busy = sum([b - a for a, b in segments])
 
     # The GPU: resident experts first, fetched ones as they arrive.
     gpu_t, gpu_busy = 0.0, 0.0
@@ -323,13 +323,14 @@ def _unit_loads(unit_tasks: dict[int, list[Task]], groups: dict[tuple[int, int],
         work[u] = w
         if not one_token:
             token_sets[u] = set().union(*(t.tokens for t in tasks))
+    no_slices = [[]] * num_units  # read only
     if not groups:  # explicit per-unit tasks only
         if one_token:
-            return work, [1 if u in unit_tasks else 0 for u in range(num_units)], [[]] * num_units
-        return work, [len(ts) if ts is not None else 0 for ts in token_sets], [[]] * num_units
-    slices: list[list[tuple[tuple[int, int], list[Task]]]] = [[] for _ in range(num_units)]
+            return work, [1 if u in unit_tasks else 0 for u in range(num_units)], no_slices
+        return work, [len(ts) if ts is not None else 0 for ts in token_sets], no_slices
+    slices = [[] for _ in range(num_units)] if want_slices else no_slices
     unions: list[set[int]] = []
-    member: list[list[int]] = [[] for _ in range(num_units)]
+    member: list[list[int]] = [[] for _ in range(num_units)]  # groups with a slice on u
     for gi, ((lo, hi), tasks) in enumerate(groups.items()):
         if not one_token:
             unions.append(set().union(*(t.tokens for t in tasks)))
@@ -337,7 +338,7 @@ def _unit_loads(unit_tasks: dict[int, list[Task]], groups: dict[tuple[int, int],
         for u, a, b in _tp_slices(hi - lo, num_units):
             w = b - a
             if w not in per_width:
-                per_width[w] = sum(ndp_s(len(t.tokens), w / d_ff) for t in tasks)
+                per_width[w] = _sum_ndp(tasks, w / d_ff, ndp_s)
             work[u] += per_width[w] * factor[u]
             member[u].append(gi)
             if want_slices:
@@ -355,6 +356,18 @@ def _unit_loads(unit_tasks: dict[int, list[Task]], groups: dict[tuple[int, int],
                 counted[key] = len(set().union(*(unions[g] for g in key)))
             toks[u] = counted[key]
     return work, toks, slices
+
+
+def _sum_ndp(tasks: list[Task], frac: float, ndp_s) -> float:
+    """``sum(ndp_s(len(t.tokens), frac) for t in tasks)``, asking ``ndp_s`` again only when
+    the token count changes (a batch-1 step's tasks all hold one token)."""
+    total, last_n, x = 0, -1, 0.0
+    for t in tasks:
+        n = len(t.tokens)
+        if n != last_n:
+            x, last_n = ndp_s(n, frac), n
+        total += x
+    return total
 
 
 def lower_bound_s(plan: Plan, cost: CostModel, num_units: int) -> float:

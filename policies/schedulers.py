@@ -138,6 +138,8 @@ class TensorParallelLoadBalanced(TensorParallel):
         shape = self._shape(step, cached_tasks, cands)
         decided = self._decided.get(shape)
         if decided is None:
+            if len(self._decided) >= 4096:  # large batches rarely repeat a shape: stay small
+                self._decided.clear()
             decided = self._decided[shape] = self._best_prefix(step, cached_tasks, order)
         best, best_span = decided
         plan = self._build(step, cached_tasks, order, best)
