@@ -40,24 +40,37 @@ class BackgroundLink:
     arrived: dict[Key, float] = field(default_factory=dict)
     bytes_moved: int = 0
     experts_moved: int = 0
+    queued: set[Key] = field(default_factory=set)  # the keys in ``queue`` (each once)
 
     def push(self, keys: list[Key], now: float) -> None:
         if not self.queue:
             self.cursor = max(self.cursor, now)
-        queued = {item[0] for item in self.queue}
         for k in keys:
-            if k not in self.arrived and k not in queued:
+            if k not in self.arrived and k not in self.queued:
                 self.queue.append([k, self.cost.fetch_s()])
-                queued.add(k)
+                self.queued.add(k)
 
     def take(self, key: Key) -> float | None:
         """An on-demand fetch of ``key`` upgrades its queued prefetch: the fetch owes only
         what the prefetch has left (None if ``key`` is not queued)."""
+        if key not in self.queued:
+            return None
         for i, item in enumerate(self.queue):
             if item[0] == key:
                 del self.queue[i]
+                self.queued.discard(key)
                 return item[1]
-        return None
+        return None  # pragma: no cover - ``queued`` names only keys in the queue
+
+    def keep(self, wanted: Callable[[Key], bool]) -> None:
+        """Drops the queued prefetches whose key is not ``wanted``."""
+        self.queue = deque(item for item in self.queue if wanted(item[0]))
+        self.queued = {item[0] for item in self.queue}
+
+    def _pop(self) -> list:
+        item = self.queue.popleft()
+        self.queued.discard(item[0])
+        return item
 
     def served_in_step(self, segments: list[list[tuple[float, float]]], start: float,
                        makespan: float) -> None:
@@ -67,7 +80,7 @@ class BackgroundLink:
             item = self.queue[0]
             got = sum(min(b, makespan) - a for a, b in segs if a < makespan)
             if got >= item[1] - 1e-15 and segs and segs[-1][1] <= makespan:
-                self.queue.popleft()
+                self._pop()
                 self.arrived.setdefault(item[0], start + segs[-1][1])
                 self.bytes_moved += self.cost.expert_bytes
                 self.experts_moved += 1
@@ -82,9 +95,9 @@ class BackgroundLink:
         new = [k for k in keys if k not in self.arrived]
         for k in new:
             self.arrived[k] = now
-        if new and self.queue:
-            gone = set(new)
-            self.queue = deque(item for item in self.queue if item[0] not in gone)
+        gone = {k for k in new if k in self.queued}
+        if gone:
+            self.keep(lambda k: k not in gone)
 
     def advance(self, until: float, busy: Sequence[tuple[float, float]] = (),
                 offset: float = 0.0) -> None:
@@ -103,7 +116,7 @@ class BackgroundLink:
                 item[1] -= step
                 t += step
                 if item[1] <= 1e-15:
-                    self.queue.popleft()
+                    self._pop()
                     self.arrived.setdefault(item[0], t)  # an on-demand copy may have come first
                     self.bytes_moved += self.cost.expert_bytes
                     self.experts_moved += 1
@@ -362,4 +375,4 @@ def _drop_evicted(bg: BackgroundLink, pf: Prefetcher) -> None:
             bg.arrived.pop(key, None)
     pf.cache.evicted.clear()
     if bg.queue:
-        bg.queue = deque(item for item in bg.queue if item[0] in pf.cache)
+        bg.keep(pf.cache.__contains__)
