@@ -34,24 +34,36 @@ class MoNDE(Scheduler):
     are fetched per step, most tokens first.
     """
 
+    def __init__(self, cfg, cost) -> None:
+        super().__init__(cfg, cost)
+        self._hot_of: dict[int, bool] = {}  # token count -> hot
+
     def ndp_time_s(self, n: int) -> float:
         """What computing an expert for ``n`` tokens costs where it lives (its home unit)."""
         return self.cost.ndp_expert_s(n)
+
+    def is_hot(self, n: int) -> bool:
+        """Whether fetching an expert of ``n`` tokens and running it on the GPU beats the NDP
+        side; it depends on ``n`` alone, so it is worked out once per count."""
+        hot = self._hot_of.get(n)
+        if hot is None:
+            cost = self.cost
+            hot = self._hot_of[n] = cost.fetch_s() + cost.gpu_expert_s(n) < self.ndp_time_s(n)
+        return hot
 
     def cold_tasks(self, e: int, toks: tuple[int, ...]) -> list[Task]:
         """Where a cold expert runs: whole, on its home unit."""
         return [Task(e % self.num_units, e, 0, self.d_ff, toks)]
 
     def plan(self, step: StepInput) -> Plan:
-        cost, d_ff = self.cost, self.d_ff
-        fetch_s = cost.fetch_s()
+        d_ff = self.d_ff
         hot: list[tuple[int, int]] = []
         tasks: list[Task] = []
         for e, toks in step.routed.items():
             n = len(toks)
             if e in step.cached:
                 tasks.append(self.gpu_task(e, toks))
-            elif fetch_s + cost.gpu_expert_s(n) < self.ndp_time_s(n):
+            elif self.is_hot(n):
                 hot.append((-n, e))
             else:
                 tasks.extend(self.cold_tasks(e, toks))
