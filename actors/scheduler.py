@@ -90,6 +90,8 @@ class EmulationStats:
     retry_wall_s: float = 0.0  # wall time the run was paused for lost commands
     dropped: int = 0  # sends lost by the injected drop fault
     duplicates: int = 0  # copies of commands the devices already had (retries sent too early)
+    abandoned: int = 0  # commands a unit died before acknowledging (recovery re-issues them)
+    abandoned_sends: int = 0  # ...and their sends (not in retries, dropped)
     pauses: int = 0  # times the run's clock was paused
     kills: list[str] = field(default_factory=list)  # injected kills fired
     reports: dict[str, Any] = field(default_factory=dict)  # device/link name -> its report
@@ -104,7 +106,8 @@ class EmulationStats:
         return {"messages": self.messages, "wall_s": self.wall_s, "recoveries": self.recoveries,
                 "recovery_wall_s": self.recovery_wall_s, "retries": self.retries,
                 "retry_wall_s": self.retry_wall_s, "dropped_messages": self.dropped,
-                "duplicate_commands": self.duplicates, "pauses": self.pauses,
+                "duplicate_commands": self.duplicates, "abandoned_commands": self.abandoned,
+                "abandoned_sends": self.abandoned_sends, "pauses": self.pauses,
                 "injected_kills": list(self.kills)}
 
 
@@ -136,6 +139,8 @@ class _Sequenced:
     what: str
     last_s: float = -math.inf  # wall time of its latest send
     rto_s: float = RTO_S
+    sends: int = 0
+    drops: int = 0
 
 
 class Dispatcher:
@@ -160,8 +165,9 @@ class Dispatcher:
       unacknowledged for ``RTO_S`` (doubling up to ``RTO_MAX_S``) is sent again;
       ``on_acked((peer, cseq))`` is told when a lost one is acknowledged. A retry whose first
       send did arrive is a duplicate its receiver ignores and counts, so that
-      ``retries == dropped + duplicates`` over a run. Commands to the link, tasks, pings and
-      the pause itself are never dropped.
+      ``retries == dropped + duplicates`` over a run (the commands a unit died before
+      acknowledging are counted apart, :meth:`forget`). Commands to the link, tasks, pings
+      and the pause itself are never dropped.
 
     Who is listened to (issue 13): with ``peers`` (the run's devices and the link) a message
     from anyone else is dropped unanswered and recorded in ``refusals``; it can neither end
@@ -203,11 +209,12 @@ class Dispatcher:
         self.on_down: Callable[[bytes], None] | None = None
         self.on_drop: Callable[[tuple[bytes, int]], None] | None = None
         self.on_acked: Callable[[tuple[bytes, int]], None] | None = None
-        self.dropped = self.retries = self.recoveries = 0
+        self.dropped = self.retries = self.recoveries = self.abandoned = self.abandoned_sends = 0
         self.progress_s = wall_now()  # the last rejoin or resume (deadlines count from it)
 
     def counters(self) -> dict[str, float]:
-        return {"dropped": self.dropped, "retries": self.retries, "recoveries": self.recoveries}
+        return {"dropped": self.dropped, "retries": self.retries, "recoveries": self.recoveries,
+                "abandoned": self.abandoned, "abandoned_sends": self.abandoned_sends}
 
     def new_run(self, drop_p: float, sequenced: bool) -> None:
         """Fresh command numbers for a run (devices expect 1 after their ``reset``)."""
@@ -263,7 +270,9 @@ class Dispatcher:
 
     def _send_sequenced(self, peer: bytes, c: int, cmd: _Sequenced) -> None:
         cmd.last_s = wall_now()
+        cmd.sends += 1
         if self.drop_p and self.rng.random() < self.drop_p:  # the injected fault: lost
+            cmd.drops += 1
             self.dropped += 1
             if (peer, c) not in self.lost:
                 self.lost.add((peer, c))
@@ -293,11 +302,18 @@ class Dispatcher:
         return max(0.0, nxt)
 
     def forget(self, peer: bytes) -> list[tuple[bytes, int]]:
-        """Drops the sequenced commands of ``peer``'s previous incarnation (a restarted unit
-        is brought up to date instead); returns the lost ones among them."""
+        """Abandons the sequenced commands ``peer``'s previous incarnation never acknowledged
+        (a restarted unit is brought up to date instead); returns the lost ones among them.
+        Their sends leave ``retries`` and ``dropped`` for ``abandoned`` and
+        ``abandoned_sends``: those count commands that reached a live device, so that
+        ``retries == dropped + duplicates`` holds with recoveries too."""
         keys = [k for k in self.unacked if k[0] == peer]
         for k in keys:
-            del self.unacked[k]
+            cmd = self.unacked.pop(k)
+            self.retries -= cmd.sends - 1 if cmd.sends else 0
+            self.dropped -= cmd.drops
+            self.abandoned += 1
+            self.abandoned_sends += cmd.sends
         gone = sorted(k for k in self.lost if k[0] == peer)
         self.lost.difference_update(gone)
         return gone
@@ -1101,6 +1117,8 @@ class SchedulerCore:
             st.dropped = after["dropped"] - before["dropped"]
             st.retries = after["retries"] - before["retries"]
             st.recoveries = after["recoveries"] - before["recoveries"]
+            st.abandoned = after["abandoned"] - before["abandoned"]
+            st.abandoned_sends = after["abandoned_sends"] - before["abandoned_sends"]
             st.pauses = self.world.pauses
             st.retry_wall_s = self.world.paused_wall_s["retry"]
             st.recovery_wall_s = self.world.paused_wall_s["recovery"]
