@@ -147,7 +147,7 @@ class TensorParallelLoadBalanced(TensorParallel):
                 cands.append((-len(toks), e))
         cands.sort()
         order = [e for _, e in cands]
-        shape = self._shape(step, cached_tasks, cands)
+        shape = self._shape(step, cached_tasks, order)
         decided = self._decided.get(shape)
         if decided is None:
             if len(self._decided) >= 4096:  # large batches rarely repeat a shape: stay small
@@ -160,22 +160,13 @@ class TensorParallelLoadBalanced(TensorParallel):
             plan = self._fractional(step, plan, best_span, order[best])
         return plan
 
-    def _shape(self, step: StepInput, cached_tasks: list[Task],
-               cands: list[tuple[int, int]]) -> tuple:
+    def _shape(self, step: StepInput, cached_tasks: list[Task], order: list[int]) -> tuple:
         """What :meth:`_prefix_timing` depends on, expert ids left out: the candidates'
-        token counts in rank order, how many distinct tokens each suffix of them holds, the
-        cached experts' token counts and all the step's distinct tokens. Steps of one shape
-        get the same prefix; at batch 1 a run has a handful of shapes."""
+        token ids in rank order and the cached experts' (their counts and the sizes of their
+        unions follow). Steps of one shape get the same prefix; at batch 1 (every expert
+        holds token 0) a run has a handful of shapes."""
         routed = step.routed
-        seen: set[int] = set()
-        suffix_tokens = []
-        for _, e in reversed(cands):
-            seen.update(routed[e])
-            suffix_tokens.append(len(seen))
-        for t in cached_tasks:
-            seen.update(t.tokens)
-        return (tuple([c for c, _ in cands]), tuple(suffix_tokens),
-                tuple([len(t.tokens) for t in cached_tasks]), len(seen))
+        return tuple([routed[e] for e in order]), tuple([t.tokens for t in cached_tasks])
 
     def _best_prefix(self, step: StepInput, cached_tasks: list[Task], order: list[int]
                      ) -> tuple[int, float]:
