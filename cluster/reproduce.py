@@ -344,8 +344,9 @@ def run_job(job: Job) -> dict[str, dict[str, Any]]:
     import policies
     from cluster.analytic import run_policy
     from cluster.metrics import summarize
+    from cluster.routing import kept_routing
 
-    routing = _routing_of(job.cfg)
+    routing = kept_routing(job.cfg)  # the full run's 102 jobs share 17 routings
     out: dict[str, dict[str, Any]] = {}
     ran: dict[tuple[str, str], str] = {}  # (scheduler, prefetcher) -> the name it ran as
     for name in job.policies:
@@ -360,30 +361,6 @@ def run_job(job: Job) -> dict[str, dict[str, Any]]:
         s["cache_bytes"] = job.cfg.cache_bytes
         out[name] = s
     return out
-
-
-_ROUTINGS: dict[tuple, Any] = {}  # (model, workload) -> Routing, kept by a worker process
-_ROUTINGS_KEPT = 32
-
-
-def _routing_of(cfg: Config):
-    """The job's routing. A generated one depends on the model and the workload alone, and
-    many jobs share them (102 jobs, 17 routings in the full run), so a worker keeps the
-    routings it built (read-only) instead of drawing each again."""
-    from cluster.routing import build_routing
-    from cluster.spec import ROUTING_PRESETS
-
-    if cfg.workload.routing != "synthetic" and cfg.workload.routing not in ROUTING_PRESETS:
-        return build_routing(cfg)
-    key = (cfg.model, cfg.workload)
-    routing = _ROUTINGS.get(key)
-    if routing is None:
-        if len(_ROUTINGS) >= _ROUTINGS_KEPT:
-            del _ROUTINGS[next(iter(_ROUTINGS))]  # the oldest
-        routing = _ROUTINGS[key] = build_routing(cfg)
-        routing.topk_ids.flags.writeable = False
-        routing.topk_weights.flags.writeable = False
-    return routing
 
 
 def _ray_ready() -> bool:

@@ -412,6 +412,41 @@ def build_routing(cfg: Config, rng: np.random.Generator | None = None) -> Routin
     return gate_routing(cfg, rng)
 
 
+_KEPT: dict[tuple[ModelSpec, WorkloadSpec], Routing] = {}
+KEPT_BYTES = 256 << 20  # what the kept routings may take in all, per process
+
+
+def kept_routing(cfg: Config) -> Routing:
+    """:func:`build_routing`, kept in this process for the runs that follow.
+
+    A generated routing (``synthetic`` and the presets) depends on the model and the
+    workload alone, and the configurations of a sweep or a reproduction share few of them
+    (the stress grid's 270 configurations have 54: NDP units change the hardware, not the
+    routing), so a worker process builds each once. Kept routings are read-only, the
+    oldest dropped beyond :data:`KEPT_BYTES`; other sources (a trace file, gate routing)
+    are built every time.
+    """
+    w = cfg.workload
+    if w.routing != "synthetic" and w.routing not in ROUTING_PRESETS:
+        return build_routing(cfg)
+    key = (cfg.model, w)
+    routing = _KEPT.get(key)
+    if routing is None:
+        routing = build_routing(cfg)
+        routing.topk_ids.flags.writeable = False
+        routing.topk_weights.flags.writeable = False
+        size = _nbytes(routing)
+        while _KEPT and sum(map(_nbytes, _KEPT.values())) + size > KEPT_BYTES:
+            del _KEPT[next(iter(_KEPT))]  # the oldest
+        if size <= KEPT_BYTES:
+            _KEPT[key] = routing
+    return routing
+
+
+def _nbytes(routing: Routing) -> int:
+    return routing.topk_ids.nbytes + routing.topk_weights.nbytes
+
+
 def calibration_counts(cfg: Config) -> np.ndarray:
     """[L, E] counts of a separate calibration trace for the ``profiled`` prefetcher.
 

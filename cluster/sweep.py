@@ -106,14 +106,14 @@ def run_config(system: str | None, model: str | None, base: list[str], point: di
     from cluster.config import load_config
     from cluster.metrics import summarize
     from cluster.report import add_speedups
-    from cluster.routing import build_routing
+    from cluster.routing import kept_routing
 
     t0 = time.perf_counter()
     try:
         cfg = load_config(system, model, None, [*base, *_overrides(point)])
     except ConfigError as exc:
         return [{**point, "policy": n, "error": str(exc)} for n in names]
-    routing = build_routing(cfg)
+    routing = kept_routing(cfg)  # configurations that differ in hardware only share it
     summaries = {n: summarize(run_policy(cfg, routing, n, trace_steps=range(0), lower_bounds=False),
                               cfg.ndp.num_ndp_units) for n in names}
     add_speedups(summaries)
