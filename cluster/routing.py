@@ -84,11 +84,11 @@ def group_by_expert(ids: np.ndarray) -> dict[int, tuple[int, ...]]:
     tokens = np.repeat(np.arange(ids.shape[0]), ids.shape[1])
     flat = ids.ravel()
     order = np.lexsort((tokens, flat))
-    flat, tokens = flat[order], tokens[order]
-    cuts = np.flatnonzero(np.diff(flat)) + 1
-    experts = flat[np.r_[0, cuts]]
-    groups = np.split(tokens, cuts)
-    return {int(e): tuple(g.tolist()) for e, g in zip(experts, groups)}
+    flat, toks = flat[order], tokens[order].tolist()
+    cuts = (np.flatnonzero(np.diff(flat)) + 1).tolist()
+    experts = flat[[0, *cuts]].tolist() if toks else []
+    ends = [*cuts, len(toks)]
+    return {e: tuple(toks[a:b]) for e, a, b in zip(experts, [0, *cuts], ends)}
 
 
 def decode_groups(routing: Routing) -> Callable[[int, int], dict[int, tuple[int, ...]]]:

@@ -387,7 +387,7 @@ class Eplb(Scheduler):
         """
         best, best_end = 1, math.inf
         for c in range(1, min(len(loads), n) + 1):
-            end = max(loads[:c]) + self.cost.ndp_expert_s(-(-n // c))
+            end = loads[c - 1] + self.cost.ndp_expert_s(-(-n // c))  # the busiest of the first c
             if end < best_end - 1e-15:
                 best, best_end = c, end
         return best
