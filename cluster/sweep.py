@@ -189,10 +189,13 @@ def _run_in_processes(args: list[tuple], workers: int, advance: Callable[[list],
             advance(results[i])
         return results, 1
     import multiprocessing
+    import signal
 
     # spawn, not fork: the parent runs the progress bar's thread; the pool's workers are
-    # daemonic and terminated when the block ends, also on an error or an interrupt
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # daemonic and terminated when the block ends, also on an error or an interrupt (a
+    # Ctrl-C reaches the parent alone: the workers ignore SIGINT)
+    with multiprocessing.get_context("spawn").Pool(
+            workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         for i, got in pool.imap_unordered(_run_config_args, enumerate(args)):
             results[i] = got
             advance(got)

@@ -120,3 +120,33 @@ def test_the_cli_refuses_a_sweep_without_axes_or_with_a_bad_policy(capsys):
     assert main(["sweep", "--axis", "ndp.num_ndp_units=2,4", "--policies", "nope", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "unknown policy 'nope'" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_local_sweep_stops_at_once_and_ends_its_workers(tmp_path, sig):
+    """Ctrl-C (to the whole process group) or SIGTERM (to the CLI): exit 130 within seconds,
+    no worker process left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "cluster.cli", "stress", "--out", str(tmp_path / "run"),
+                          "--quiet"], start_new_session=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(3)  # the workers are running points by now
+    if sig == "SIGINT":
+        os.killpg(p.pid, signal.SIGINT)
+    else:
+        p.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    out = p.communicate(timeout=60)[0].decode()
+    assert p.returncode == 130, out[-2000:]
+    assert time.monotonic() - t0 < 10
+    assert "Traceback" not in out
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", "-g", str(p.pid), "multiprocessing"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", f"workers left behind: {left.stdout}"
