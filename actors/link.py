@@ -343,7 +343,7 @@ class HostLink:
         self.lookahead_s = 0.0  # deliveries leave this early, stamped with their completion
         self.offset_s = 0.0
         self.by_pid: dict[int, int] = {}  # the scheduler's transfer id -> the link's
-        self.early_upgrades: dict[int, tuple[int, float]] = {}  # pid -> (order, at_s)
+        self.early_upgrades: dict[int, tuple[int, float, int]] = {}  # pid -> (order, at_s, seq)
         self.early_cancels: set[int] = set()
         self._xids = itertools.count(1)
 
@@ -395,7 +395,7 @@ class HostLink:
                 self.by_pid[pid] = tr.xid
                 up = self.early_upgrades.pop(pid, None)
                 if up is not None:  # upgraded before it reached the link
-                    tr.cls, tr.order = CLASS_FETCH, up[0]
+                    tr.cls, tr.order, tr.seq = CLASS_FETCH, up[0], up[2]
                     tr.upgraded = True
                     tr.arrive_s = max(tr.arrive_s, up[1])
                     self.stats.upgraded += 1
@@ -418,12 +418,14 @@ class HostLink:
                             out.append(_credit(t.src))
                 return out
             if kind == "upgrade":
+                seq = int(f.get("seq", -1))  # the step that now waits for it
                 for pid, order in f["items"]:
                     x = self.by_pid.get(int(pid))
                     if x is None:  # its weights have not reached the link yet
-                        self.early_upgrades[int(pid)] = (int(order), float(f["at_s"]))
+                        self.early_upgrades[int(pid)] = (int(order), float(f["at_s"]), seq)
                     elif self.sched.upgrade(x, CLASS_FETCH, at, int(order)):
                         self.stats.upgraded += 1
+                        self.sched.pending[x].seq = seq
                 return []
         raise ProtocolError(f"link: unexpected message {msg.type!r}/{f.get('kind')!r}")
 

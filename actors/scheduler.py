@@ -831,7 +831,7 @@ class PolicyRun:
             net.post(LINK_PEER, "cancel", {"pids": cancel, "at_s": at})
         if upgrades:
             self.upgraded.update(p for p, _ in upgrades)
-            net.post(LINK_PEER, "upgrade", {"items": upgrades, "at_s": at})
+            net.post(LINK_PEER, "upgrade", {"items": upgrades, "at_s": at, "seq": seq})
             by_unit: dict[int, list[int]] = {}
             for (lay, e), pid in self.inflight.items():
                 if lay == layer and any(pid == p for p, _ in upgrades):

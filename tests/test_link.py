@@ -131,3 +131,24 @@ def test_an_upgrade_or_cancel_that_beats_its_transfer_to_the_link_still_applies(
     assert len(out) == 1 and wire.decode(out[0][1]).fields["pid"] == 1
     assert link.stats.bytes["fetch"] == 5 and link.stats.bytes["prefetch"] == 0
     assert (link.stats.upgraded, link.stats.cancelled) == (1, 1)
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_an_upgraded_prefetch_counts_toward_the_step_that_waits_for_it(early) -> None:
+    """Its bytes are that step's fetch bytes (steps.csv), as the analytic engine counts them;
+    a prefetch never upgraded stays background traffic (no step). The upgrade may reach the
+    link after the weights (``early=False``) or before them."""
+    link = HostLink()
+    link.reset({"dilation": 1.0, "latency_s": 0.0, "bw_bytes_per_s": 1.0,
+                "prefetch_class": CLASS_PREFETCH, "base_s": 0.0})
+    up = wire.encode("cmd", {"kind": "upgrade", "at_s": 0.0, "items": [[1, 0]], "seq": 42})
+    if early:
+        link.on_message(b"sched", wire.decode(up), [])
+    for pid in (1, 2):
+        msg, frames = _data("prefetch", "gpu", 0.0, 5 * pid, pid=pid)
+        link.on_message(b"ndp0", msg, frames)
+    if not early:
+        link.on_message(b"sched", wire.decode(up), [])
+    link.due(1e9)
+    assert link.stats.step_bytes == {42: {"activation": 0, "partial": 0, "fetch": 5, "prefetch": 0}}
+    assert (link.stats.bytes["fetch"], link.stats.bytes["prefetch"]) == (5, 10)
