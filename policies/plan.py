@@ -290,10 +290,7 @@ def _single_token(tasks: tuple[Task, ...]) -> bool:
     if not tasks or len(tasks[0].tokens) != 1:
         return False
     tok = tasks[0].tokens
-    for t in tasks:
-        if t.tokens != tok:
-            return False
-    return True
+    return all(t.tokens == tok for t in tasks)
 
 
 @lru_cache(maxsize=4096)
