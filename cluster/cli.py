@@ -108,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
         sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="base override applied to every point")
         sw.add_argument("--workers", type=int, default=None,
-                        help="CPUs of the local Ray started for the sweep (default: all)")
+                        help="local worker processes for the points (default: the CPU count; "
+                        "with --address the cluster's CPUs are used)")
         sw.add_argument("--address", default=None, help="run the points on a Ray cluster")
         sw.add_argument("--emulate", type=int, default=0, metavar="K",
                         help="also run the K most imbalanced configurations on the emulation engine")

@@ -564,9 +564,12 @@ def spot_check(opts: Options, run_dir: Path, console=None) -> dict[str, Any]:
             "output_tokens": sc["output_tokens"], "emulated_speedup": emu, "analytic_speedup": ana,
             "difference_pct": (emu - ana) / ana * 100, "target_pct": sc["target_pct"],
             "fidelity_error": {p: s[p]["fidelity_error"] for p in sc["policies"]},
+            "fidelity_tpot": {p: (s[p].get("fidelity") or {}).get("tpot") for p in sc["policies"]},
             "dilation": s["paper"].get("dilation"),
             "overruns": {p: f"{s[p].get('overruns', 0)}/{sum((s[p].get('device_slots') or {}).values())}"
                          for p in sc["policies"]},
+            "control_path_emulated_us": (s["paper"].get("emulator_floor") or {}).get(
+                "control_path_emulated_us"),
             "wall_s": time.perf_counter() - t0, "run_dir": str(res.run_dir)}
 
 

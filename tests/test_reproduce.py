@@ -160,8 +160,11 @@ def test_spot_check_is_reported_beside_the_analytic_numbers(tmp_path, monkeypatc
         assert cfg.workload.output_tokens == R.SPOT_CHECK["output_tokens"]
         lat = {"monde": (2.0, 2.02), "paper": (1.0, 0.99)}  # (analytic, emulated)
         summaries = {n: {"analytic_e2e_latency_s": a, "emulated_e2e_latency_s": e,
-                         "fidelity_error": abs(e - a) / a, "dilation": 50.0, "overruns": 0,
-                         "paced_segments": 10} for n, (a, e) in lat.items()}
+                         "fidelity_error": abs(e - a) / a,
+                         "fidelity": {"e2e": abs(e - a) / a, "tpot": 0.004 if n == "paper" else 0.012},
+                         "dilation": 50.0, "overruns": 3, "device_slots": {"gpu": 40, "ndp0": 60},
+                         "emulator_floor": {"control_path_emulated_us": 7.5}}
+                     for n, (a, e) in lat.items()}
         return cluster.runner.RunResult(Path(out), summaries, [])
 
     monkeypatch.setattr(cluster.runner, "run", fake_run)
@@ -173,6 +176,10 @@ def test_spot_check_is_reported_beside_the_analytic_numbers(tmp_path, monkeypatc
     assert o.spot["difference_pct"] == pytest.approx((2.02 / 0.99 / 2.0 - 1) * 100)
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## 7. Emulated spot check" in report and "+2.02%" in report
+    assert "monde 1.00%, paper 1.00%" in report  # e2e errors
+    assert "monde 1.20%, paper 0.40%" in report  # TPOT errors
+    assert "monde 3/100" in report and "7.50 us" in report
+    assert "paced" not in report  # the emulation measures; it no longer replays a schedule
     assert (tmp_path / "run" / "spot_check.csv").exists()
 
 
