@@ -342,6 +342,8 @@ class HostLink:
         self.bypass = False  # before a run (preload): deliver at once, unthrottled
         self.lookahead_s = 0.0  # deliveries leave this early, stamped with their completion
         self.offset_s = 0.0
+        self.shift_s = 0.0  # wall seconds the run was paused for (fault injection)
+        self.frozen_s: float | None = None  # the clock's reading while paused, else None
         self.by_pid: dict[int, int] = {}  # the scheduler's transfer id -> the link's
         self.early_upgrades: dict[int, tuple[int, float, int]] = {}  # pid -> (order, at_s, seq)
         self.early_cancels: set[int] = set()
@@ -359,12 +361,28 @@ class HostLink:
         self.bypass = bool(f.get("bypass", False))
         self.lookahead_s = float(f.get("lookahead_s", 0.0))
         self.offset_s = float(f.get("offset_s", 0.0))  # this host's clock to the run's timebase
+        self.shift_s, self.frozen_s = 0.0, None
         self.by_pid.clear()
         self.early_upgrades.clear()
         self.early_cancels.clear()
 
     def now(self) -> float:
-        return wall_now() + self.offset_s
+        """The run's clock: wall time in the run's timebase less the time the run was paused
+        (frozen while it is: the scheduler pauses the link with every device while it repairs
+        a fault it injected, ``actors.scheduler.World``)."""
+        if self.frozen_s is not None:
+            return self.frozen_s
+        return wall_now() + self.offset_s - self.shift_s
+
+    def next_due_s(self) -> float:
+        """When the next delivery is due (``inf`` while paused: none is)."""
+        return math.inf if self.frozen_s is not None else self.sched.next_due_s()
+
+    def holdings(self) -> list[list[Any]]:
+        """Every transfer on the link: ``[kind, src, dst, seq, pid, windowed]`` (recovery:
+        what a restarted unit's predecessor had handed over, what waits to reach it)."""
+        return [[t.kind, t.src.decode(), t.dst.decode(), t.seq, t.pid, t.windowed]
+                for t in self.sched.pending.values()]
 
     def service_s(self, true_bytes: int) -> float:
         return self.dilation * (self.latency_s + true_bytes / self.bw)
@@ -405,6 +423,13 @@ class HostLink:
             return []
         if msg.type == "cmd":
             kind = f["kind"]
+            if kind == "pause":  # nothing is served until resume
+                if self.frozen_s is None:
+                    self.frozen_s = self.now()
+                return []
+            if kind == "resume":  # the run's total pause, the same for every clock
+                self.shift_s, self.frozen_s = float(f["shift_s"]), None
+                return []
             at = min(float(f.get("at_s", self.sched.base_s)), self.now())
             if kind == "cancel":
                 out = []
@@ -478,7 +503,7 @@ def _restamp(frames: list[Any], at_s: float, decoded: wire.Message | None = None
 SCHED_NAME = b"sched"
 # what each kind of peer may send the link; transfers also by kind and destination
 _SCHED_SENDS = frozenset({"task", "cmd", "ping", "shutdown", "error"})
-_DEVICE_SENDS = frozenset({"data", "error"})
+_DEVICE_SENDS = frozenset({"data", "error", "ping"})  # ping: a (re)started device's first word
 _SENT_BY_GPU = frozenset({"activation"})  # to a unit
 _SENT_BY_UNIT = frozenset({"partial", "fetch", "prefetch"})  # to the GPU
 
@@ -490,8 +515,10 @@ def _is_device(name: bytes) -> bool:
 class LinkServer:
     """Serves a :class:`HostLink` on ``transport`` until ``shutdown``.
 
-    Control requests from the scheduler (``task`` of kind ``reset``, ``report``, ``window``)
-    are answered with a ``result``; ``data`` and ``cmd`` messages are queued and delivered at
+    Control requests from the scheduler (``task`` of kind ``reset``, ``report``, ``bypass``,
+    ``pending``) are answered with a ``result``; the scheduler's ``cmd`` ``pause`` and
+    ``resume`` freeze and thaw the link's clock (:meth:`HostLink.now`); a device's ``ping`` is
+    answered with a ``pong``; ``data`` and ``cmd`` messages are queued and delivered at
     their completion.
 
     Only the run's peers are listened to: the scheduler (``sched``: control, commands), the
@@ -552,6 +579,8 @@ class LinkServer:
         elif kind == "bypass":
             self.link.bypass = bool(f["on"])
             out = {}
+        elif kind == "pending":
+            out, arrays = {}, [wire.json_array(self.link.holdings())]
         else:
             raise ProtocolError(f"link: unknown task kind {kind!r}")
         self.tr.send(peer, wire.encode("result", {"task_id": f["task_id"],
@@ -598,7 +627,7 @@ class LinkServer:
                     self.tr.send(peer, frames)
                 except EmulationError:
                     self.rejected += 1
-            nxt = self.link.sched.next_due_s() - self.link.lookahead_s
+            nxt = self.link.next_due_s() - self.link.lookahead_s
             wait = min(self.poll_s, max(0.0, nxt - self.link.now()))
             got = self.tr.recv(wait) if wait > 1e-3 else self.tr.recv(0.0)
             if got is None:
