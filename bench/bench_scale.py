@@ -1,6 +1,6 @@
-"""Scale: a 64-unit emulation and the analytic sweep's throughput with 1 and 2 Ray workers.
+"""Scale: a 64-unit emulation and the analytic sweep's throughput with 1 and 2 workers.
 
-    .venv/bin/python bench/bench_scale.py [--units 64] [--sweep-configs 60]
+    .venv/bin/python bench/bench_scale.py [--units 64] [--sweep-configs 60] [--sweep-only]
                                           [--out bench/results/bench_scale.json]
 
 Emulation: a 256-expert top-8 model (qwen3-30b-a3b's widths and 4 layers, scaled weights) on
@@ -8,8 +8,10 @@ Emulation: a 256-expert top-8 model (qwen3-30b-a3b's widths and 4 layers, scaled
 (after ``ray.init``), peak resident memory of this run's Ray processes (sampled every 0.2 s
 from /proc), the calibrated dilation and the fidelity error (target <= 10%).
 
-Sweep: the stress grid's first configurations (``cluster.sweep``) with 1 and then 2 Ray
-workers; points per second and the ratio.
+Sweep: the stress grid's first configurations (``cluster.sweep``) with 1 and then 2 local
+worker processes (what ``ndpmoe stress`` uses without ``--address``); points per second and
+the ratio. ``--sweep-only`` skips the emulation and keeps the emulation part of an existing
+``--out`` file.
 """
 
 from __future__ import annotations
@@ -143,12 +145,18 @@ def main() -> None:
     ap.add_argument("--units", type=int, default=64)
     ap.add_argument("--sweep-configs", type=int, default=60)
     ap.add_argument("--out", default="bench/results/bench_scale.json")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="measure the sweep only; keep the emulation part of --out")
     args = ap.parse_args()
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    emu = bench_emulation(args.units)
+    out = Path(args.out)
+    if args.sweep_only:
+        emu = json.loads(out.read_text())["emulation"]
+    else:
+        emu = bench_emulation(args.units)
     sweep = bench_sweep(args.sweep_configs)
     t = Table(title=f"emulation at scale: {args.units} NDP units, 256 experts, top-8", title_justify="left")
     for col in ("policy", "startup", "peak memory", "dilation", "emulated", "analytic", "fidelity error", "overruns"):
@@ -158,7 +166,8 @@ def main() -> None:
                   f"{emu['dilation']:g}", f"{r['emulated_s'] * 1e3:.3f} ms", f"{r['analytic_s'] * 1e3:.3f} ms",
                   f"{r['fidelity_error'] * 100:.2f}%", f"{r['overruns']}/{r['segments']}")
     console.print(t)
-    s = Table(title="analytic sweep throughput (stress grid, Ray tasks)", title_justify="left")
+    s = Table(title="analytic sweep throughput (stress grid, local worker processes)",
+              title_justify="left")
     for col in ("workers", "points", "wall", "points/s"):
         s.add_column(col, justify="right")
     for r in sweep:
@@ -166,7 +175,6 @@ def main() -> None:
     console.print(s)
     if len(sweep) == 2:
         console.print(f"2 workers / 1 worker: {sweep[1]['points_per_s'] / sweep[0]['points_per_s']:.2f}x")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"emulation": emu, "sweep": sweep}, indent=2, default=float))
     console.print(f"wrote {out}")
