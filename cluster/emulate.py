@@ -8,8 +8,9 @@ was measured with what the analytic engine predicts.
 
 Nothing here, nor in :mod:`actors`, computes the run's timing (DESIGN.md section 5): the
 devices and the link throttle themselves in wall-clock time and report what happened; the
-records below are built from those reports. Emulated time = (wall - run epoch) / D; a token's
-time is the wall clock the GPU read when it finished the token.
+records below are built from those reports. Emulated time = (wall - run epoch - wall time the
+run was paused) / D; a token's time is the run's clock as the GPU read it when it finished the
+token (every device and the link keep that clock: wall time less the pauses).
 
 Calibration (auto D): every policy's prefill and first decode steps run at D = 1, where every
 slot overruns and each device records its real compute time over its modelled duration.
@@ -23,9 +24,22 @@ D is the smallest value meeting both conditions:
   hops absorb (D x 2 x link latency), over D, is at most half the fidelity target times the
   median modelled MoE step.
 
-Faults: a dead or silent device fails the run naming it and the step; the policies that
-finished keep their summaries, the failing one is marked ``"status": "failed"`` and
-:class:`PartialRunError` carries all of it to the caller.
+Faults (``emulate.inject``, ``emulate.recover``; DESIGN.md section 9): ``slow`` and ``delay``
+are part of the cost model, so both engines see them. ``drop:P`` loses each command the
+scheduler sends a device in the timed run with probability P; the devices acknowledge
+numbered commands and the scheduler sends a lost one again after a timeout. ``kill:ndpK@stepS``
+ends unit K's process; without recovery the run fails naming it and the step, and the policies
+that finished keep their summaries, the failing one is marked ``"status": "failed"`` and
+:class:`PartialRunError` carries all of it to the caller; with recovery Ray restarts it, it
+rejoins and is sent what it had not done. The scheduler pauses the whole emulated system (every
+device and the link) from the moment it injects a fault until it is repaired
+(:class:`actors.scheduler.World`): detection, retries and recovery are real and take wall time,
+and none of it is emulated time. The summary reports ``dropped_messages``, ``retries``,
+``duplicate_commands`` (retries whose first send did arrive: ``retries = dropped_messages +
+duplicate_commands``; these three count commands that reached a live device, those a killed
+unit never acknowledged are ``abandoned_commands``, with their ``abandoned_sends``, and the
+recovery re-issues their work), ``recoveries``, ``pauses``, and the wall time paused for each
+(``retry_wall_s``, ``recovery_wall_s``).
 """
 
 from __future__ import annotations
@@ -225,7 +239,9 @@ class PartialRunError(EmulationError):
 def _fault_fields(stats) -> dict[str, Any]:
     return {"recoveries": stats.recoveries, "recovery_wall_s": stats.recovery_wall_s,
             "retries": stats.retries, "retry_wall_s": stats.retry_wall_s,
-            "dropped_messages": stats.dropped, "injected_kills": list(stats.kills)}
+            "dropped_messages": stats.dropped, "duplicate_commands": stats.duplicates,
+            "abandoned_commands": stats.abandoned, "abandoned_sends": stats.abandoned_sends,
+            "pauses": stats.pauses, "injected_kills": list(stats.kills)}
 
 
 def failed_summary(name: str, error: str, rec: PolicyRecords | None, stats,
@@ -300,19 +316,6 @@ def _emulated_summary(rec: PolicyRecords, stats, cfg: Config, analytic: PolicyRe
     return s
 
 
-def check_supported(cfg: Config) -> None:
-    """Refuses what the measuring emulation cannot do yet, before anything starts:
-    recovery of a restarted unit in a step in flight, and retried message drops."""
-    if cfg.emulate.recover:
-        raise ConfigError("emulate.recover = true is not supported by the measuring emulation "
-                          "yet: a restarted NDP unit cannot re-enter a step in flight; run "
-                          "without --recover (a dead unit then fails the run, naming it)")
-    if parse_inject(cfg.emulate.inject).drop_p:
-        raise ConfigError(f"emulate.inject = {cfg.emulate.inject!r}: drop faults are not "
-                          f"supported by the measuring emulation yet (its commands are one-way); "
-                          f"kill, slow and delay are")
-
-
 def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path, console=None,
                   progress: bool = True, address: str | None = None,
                   save_outputs: bool = False) -> tuple[dict, list[PolicyRecords], dict]:
@@ -327,7 +330,6 @@ def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path
     from cluster import launch
     from cluster.reference import reference_forward
 
-    check_supported(cfg)
     scale = choose_scale(cfg)
     say = console.print if console is not None else (lambda *a, **k: None)
     faults = parse_inject(cfg.emulate.inject)

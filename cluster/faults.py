@@ -5,16 +5,21 @@ A spec is a ``;``-separated list of faults::
     kill:ndpK@stepS     NDP unit K dies at decode step S, layer 0 (its process exits)
     slow:ndpKxF         NDP unit K computes F times slower (F >= 1)
     delay:link+Nus      the host link's latency grows by N microseconds
-    drop:P              each scheduler -> device data-plane message is lost with probability P
-                        (seeded; lost messages are retried)
+    drop:P              each command the scheduler sends a device during a run (step shards,
+                        ship orders) is lost with probability P (seeded; found missing by its
+                        acknowledgement's timeout and sent again)
 
 ``slow`` and ``delay`` change the *model*: the cost model applies them (``CostModel.unit_factor``
 and ``link_latency_s``), so both engines, the policies' estimates, the lower bounds and the
 traces see them and the emulation still agrees with the analytic reference. ``kill`` and
-``drop`` happen to the emulation cluster only (the analytic engine has no processes to lose).
+``drop`` happen to the emulation cluster only (the analytic engine has no processes to lose):
+the emulation pauses its clocks from the moment it injects one until it is repaired, so
+neither changes the measured latency (``actors.scheduler.World``). Transfers on the emulated
+host link are never dropped: PCIe retries lost packets itself, inside its modelled latency.
 
-A kill fires once per cluster: at the first paced run that reaches decode step S with work for
-unit K at layer 0 (or, if K has no work there, at the next MoE step that gives it some).
+A kill fires once per cluster: at the first timed run (not a calibration run) that reaches
+decode step S with work for unit K (at layer 0, or, if K has no work there, at the next MoE
+step that gives it some).
 """
 
 from __future__ import annotations

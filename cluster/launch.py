@@ -12,9 +12,11 @@ and shut Ray down again when the cluster is closed.
 Faults: each device also connects a heartbeat DEALER (identity ``<name>.hb``) to the
 scheduler. With ``emulate.recover`` NDP-unit actors are created with Ray ``max_restarts``: a
 unit whose process dies is re-created by Ray with the same arguments, reconnects with the same
-identity (the ROUTER hands the identity over), greets with a new ``incarnation`` (its pid) and
-the scheduler re-warms it and re-dispatches its interrupted task. The GPU is never restarted:
-it holds the hidden states, so losing it fails the run.
+identity (the ROUTERs hand the identity over), pings the link until it answers (so the link
+can deliver to it), greets the scheduler with a new ``incarnation`` (its pid), and the
+scheduler resets and re-warms it and sends it what it had not done
+(``actors.scheduler.SchedulerCore._on_rejoin``) while the run is paused. The GPU is never
+restarted: it holds the hidden states, so losing it fails the run.
 
 Security: every receiver listens only to the peers this run created (the scheduler to the
 devices and the link, the link to the scheduler and the devices, each device to the scheduler
@@ -34,6 +36,7 @@ is not covered: keep its ports private or turn on Ray's TLS (deploy/README.md, "
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -65,6 +68,37 @@ def _exit_now() -> None:
     os._exit(1)
 
 
+LINK_READY_TIMEOUT_S = 30.0
+
+
+def _await_link(link: Any, timeout_s: float = LINK_READY_TIMEOUT_S) -> list[tuple[bytes, list]]:
+    """Pings the link over a device's own link socket until it answers, so that the link can
+    deliver to the device before the device greets the scheduler: a unit that Ray restarted
+    is sent its step's activations through the link as soon as the scheduler has heard from
+    it (a ROUTER cannot send to a dealer whose connection is not up yet). Returns anything
+    else that came meanwhile, for the device to handle."""
+    from actors import wire
+    from actors.link import LINK_PEER
+
+    deadline = time.monotonic() + timeout_s
+    other: list[tuple[bytes, list]] = []
+    for seq in itertools.count(1):
+        link.send(LINK_PEER, wire.encode("ping", {"seq": seq}))
+        until = time.monotonic() + 0.5
+        while (left := until - time.monotonic()) > 0:
+            got = link.recv(left)
+            if got is None:
+                break
+            msg = wire.decode(got[1])
+            if msg.type == "pong" and msg.fields.get("seq") == seq:
+                return other
+            if msg.type != "pong":
+                other.append(got)
+        if time.monotonic() > deadline:
+            raise EmulationError(f"the host link did not answer within {timeout_s:g} s")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class _DeviceActor:
     """Ray body of a GPU or NDP-unit actor: a device served on a zmq DEALER in a thread,
     with a heartbeat on a second DEALER (zmq sockets are not shared between threads)."""
@@ -90,6 +124,7 @@ class _DeviceActor:
         link_curve = {} if keys is None else {"curve": keys, "server_key": link_key}
         self.link = ZmqDealer(identity, router_id=LINK_PEER, **link_curve)
         self.link.connect(link_endpoint)
+        early = _await_link(self.link)  # before it greets anyone: the link can reach it
         self.transport = Mux(self.main, {LINK_PEER: self.link})
         # a late heartbeat is worthless: never block on it, keep only a few queued
         self.heartbeat = ZmqDealer(identity + b".hb", router_id=b"sched", send_timeout_s=0.0, hwm=4,
@@ -99,6 +134,8 @@ class _DeviceActor:
         self.server = DeviceServer(device, self.transport, heartbeat=self.heartbeat,
                                    incarnation=os.getpid(), announce_to=b"sched",
                                    on_die=_exit_now if doomed else None)
+        for peer, frames in early:
+            self.server._handle(peer, frames)
         self.server.start()
 
     def info(self) -> dict[str, Any]:
