@@ -600,7 +600,8 @@ class World:
     within that margin resumes with a clock that reads a little *before* the moment of the
     pause, when nothing is due (everything due then had happened before it froze), so all
     clocks continue from the moment of the pause together. A death the scheduler did not
-    inject is paused from when it is found (its heartbeat timeout counts).
+    inject is paused from when it is found: at the next command sent to the unit, or after
+    its heartbeat timeout if a step waits on it (that lateness is emulated time).
 
     Residual error (README, "Clusters, faults and security"): a device or the link freezes
     when the pause *reaches* it, one scheduler -> device hop (O(100 us) wall, a few ms when
