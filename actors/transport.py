@@ -28,7 +28,9 @@ Implementations:
   aliases the sender's arrays.
 
 zmq sockets are sent from with ``copy=False`` (pyzmq copies frames under
-``zmq.COPY_THRESHOLD`` itself, where that is cheaper) and received with ``copy=False``, so
+``zmq.COPY_THRESHOLD`` itself, where that is cheaper; small ``bytes`` frames such as identities
+and headers are sent with ``copy=True``, which skips pyzmq's Frame object), and received with
+``copy=False``, so
 ``recv`` returns ``zmq.Frame`` objects that ``wire.decode`` views without copying. A zmq
 transport must be used from one thread only. Sockets close with linger 0; a context the
 transport created is terminated on close, which ends its I/O threads.
@@ -77,6 +79,7 @@ Frames = Sequence[Any]
 
 DEFAULT_SEND_TIMEOUT_S = 5.0
 DEFAULT_HWM = 1000
+_COPY_BELOW = 64 * 1024  # bytes frames shorter than this are sent with copy=True
 ZAP_BIND_WAIT_S = 1.0  # a CURVE router waits this long for its context's ZAP name to be free
 
 
@@ -375,8 +378,16 @@ class _ZmqSocket:
     def _send_frames(self, frames: Frames, who: str) -> None:
         if self._closed:
             raise EmulationError(f"send to {who} on a closed transport")
+        sock, last = self._sock, len(frames) - 1
         try:
-            self._sock.send_multipart(frames, copy=False)
+            for i, f in enumerate(frames):
+                # a small bytes frame (an identity, a header) is copied into the message
+                # directly; anything else goes without a copy (pyzmq still copies what is
+                # under its threshold, but through a Frame object, which costs more)
+                if type(f) is bytes and len(f) < _COPY_BELOW:
+                    sock.send(f, zmq.SNDMORE if i < last else 0, copy=True)
+                else:
+                    sock.send(f, zmq.SNDMORE if i < last else 0, copy=False)
         except zmq.Again as exc:
             raise EmulationError(f"send to {who} timed out: its queue is full") from exc
         except zmq.ZMQError as exc:
