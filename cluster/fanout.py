@@ -4,7 +4,9 @@ Each policy's episode is independent of the others (same config, same routing), 
 :func:`run_policies` runs them in worker processes, one per core and at most one per
 policy, and hands each finished :class:`~cluster.metrics.PolicyRecords` to the caller as it
 arrives. Workers report progress (output tokens done) on the same queue as their results.
-With one worker everything runs in this process, in order.
+With one worker everything runs in this process, in order. :func:`run_each` is the pool
+itself, for any module-level function over a list of items (``reproduce`` runs its jobs on
+it when Ray is not up).
 
 The pool is a few lines of our own rather than ``ProcessPoolExecutor``: an interrupt must
 end the run at once, and the executor's exit hook joins a manager thread (and the queue
@@ -28,6 +30,7 @@ import queue
 import signal
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import policies
 from cluster.analytic import run_policy
@@ -54,42 +57,75 @@ def run_policies(cfg: Config, routing: Routing, names: Sequence[str],
     """Runs every policy in ``names``; ``on_done(records)`` as each finishes (any order),
     ``progress(name, tokens)`` as output tokens complete."""
     workers = default_workers(len(names)) if workers is None else max(1, min(workers, len(names)))
-    if workers <= 1 or not all(_importable(n) for n in names):
-        _run_here(cfg, routing, names, on_done, progress)
+    if not all(_importable(n) for n in names):
+        workers = 1
+    run_each(_policy, (cfg, routing), names, lambda i, rec: on_done(rec),
+             lambda i, k: progress(names[i], k), workers)
+
+
+def _policy(shared: tuple[Config, Routing], name: str, report: Callable[[int], None]
+            ) -> PolicyRecords:
+    """One policy's episode; output tokens reported in batches of REPORT_EVERY_TOKENS."""
+    cfg, routing = shared
+    done = [0]
+
+    def tokens(k: int) -> None:
+        done[0] += k
+        if done[0] >= REPORT_EVERY_TOKENS:
+            report(done[0])
+            done[0] = 0
+
+    rec = run_policy(cfg, routing, name, progress=tokens)
+    if done[0]:
+        report(done[0])
+    return rec
+
+
+def run_each(fn: Callable[[Any, Any, Callable[[Any], None]], Any], shared: Any,
+             items: Sequence[Any], on_result: Callable[[int, Any], None],
+             on_report: Callable[[int, Any], None] = lambda i, value: None,
+             workers: int = 1) -> None:
+    """``fn(shared, item, report)`` for every item, in ``workers`` spawned processes (here,
+    in order, for one); ``on_result(i, result)`` as item ``i`` finishes (any order) and
+    ``on_report(i, value)`` for each ``report(value)`` it makes. ``fn`` must be a module-level
+    function and ``shared`` picklable: each worker gets ``shared`` once, then the items."""
+    workers = max(1, min(workers, len(items)))
+    if workers <= 1:
+        _run_here(fn, shared, items, range(len(items)), on_result, on_report)
         return
     ctx = multiprocessing.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     procs: list = []
-    left = list(names)  # not finished yet, in order
+    left = set(range(len(items)))  # not finished yet
     try:
-        for n in names:
-            tasks.put(n)
+        for i, item in enumerate(items):
+            tasks.put((i, item))
         for _ in range(workers):
             tasks.put(None)  # one stop mark per worker
         for _ in range(workers):
-            p = ctx.Process(target=_worker, args=(cfg, routing, tasks, results), daemon=True,
-                            name="ndpmoe-policy")
+            p = ctx.Process(target=_worker, args=(fn, shared, tasks, results), daemon=True,
+                            name="ndpmoe-worker")
             p.start()
             procs.append(p)
         while left:
             try:
-                kind, name, value = results.get(timeout=POLL_S)
+                msg = results.get(timeout=POLL_S)
             except queue.Empty:
                 if any(p.exitcode not in (None, 0) for p in procs) or \
                         all(p.exitcode is not None for p in procs):
                     # a worker died without a word (or all stopped with work missing): take
                     # what is still in flight, then finish the rest here
                     while left and (msg := _get(results, timeout=0.5)) is not None:
-                        _handle(msg, left, on_done, progress)
+                        _handle(msg, left, on_result, on_report)
                     break
                 continue
-            _handle((kind, name, value), left, on_done, progress)
+            _handle(msg, left, on_result, on_report)
     except BaseException:
         _stop(procs, tasks)
         raise
     if left:
         _stop(procs, tasks)
-        _run_here(cfg, routing, left, on_done, progress)
+        _run_here(fn, shared, items, sorted(left), on_result, on_report)
         return
     for p in procs:
         p.join(timeout=5)
@@ -103,23 +139,21 @@ def _get(q, timeout: float):
         return None
 
 
-def _handle(msg, left: list, on_done: Callable[[PolicyRecords], None],
-            progress: Callable[[str, int], None]) -> None:
-    kind, name, value = msg
-    if kind == "progress":
-        progress(name, value)
+def _handle(msg, left: set, on_result: Callable[[int, Any], None],
+            on_report: Callable[[int, Any], None]) -> None:
+    kind, i, value = msg
+    if kind == "report":
+        on_report(i, value)
     elif kind == "done":
-        left.remove(name)
-        on_done(value)
+        left.discard(i)
+        on_result(i, value)
     else:  # "error": the worker's exception, raised here
         raise value
 
 
-def _run_here(cfg: Config, routing: Routing, names: Sequence[str],
-              on_done: Callable[[PolicyRecords], None],
-              progress: Callable[[str, int], None]) -> None:
-    for n in names:
-        on_done(run_policy(cfg, routing, n, progress=lambda k, n=n: progress(n, k)))
+def _run_here(fn, shared: Any, items: Sequence[Any], indices, on_result, on_report) -> None:
+    for i in indices:
+        on_result(i, fn(shared, items[i], lambda value, i=i: on_report(i, value)))
 
 
 def _stop(procs: list, tasks) -> None:
@@ -143,27 +177,18 @@ def _importable(name: str) -> bool:
                for kind, part in (("scheduler", choice.scheduler), ("prefetcher", choice.prefetcher)))
 
 
-def _worker(cfg: Config, routing: Routing, tasks, results) -> None:
-    """Runs policies off ``tasks`` until a stop mark; Ctrl-C is the parent's to handle (it
+def _worker(fn, shared: Any, tasks, results) -> None:
+    """Runs items off ``tasks`` until a stop mark; Ctrl-C is the parent's to handle (it
     ends the workers), so a worker ignores SIGINT instead of printing a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    while (name := tasks.get()) is not None:
-        done = [0]
-
-        def report(k: int, name: str = name, done: list = done) -> None:
-            done[0] += k
-            if done[0] >= REPORT_EVERY_TOKENS:
-                results.put(("progress", name, done[0]))
-                done[0] = 0
-
+    while (task := tasks.get()) is not None:
+        i, item = task
         try:
-            rec = run_policy(cfg, routing, name, progress=report)
+            out = fn(shared, item, lambda value, i=i: results.put(("report", i, value)))
         except Exception as exc:  # handed to the parent, which raises it
-            results.put(("error", name, _portable(exc)))
+            results.put(("error", i, _portable(exc)))
             return
-        if done[0]:
-            results.put(("progress", name, done[0]))
-        results.put(("done", name, rec))
+        results.put(("done", i, out))
 
 
 def _portable(exc: Exception) -> Exception:

@@ -363,6 +363,10 @@ def run_job(job: Job) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _job(_shared: None, job: Job, _report: Callable[[Any], None]) -> dict[str, dict[str, Any]]:
+    return run_job(job)
+
+
 def _ray_ready() -> bool:
     import sys
 
@@ -391,23 +395,13 @@ def execute(jobs: Sequence[Job], workers: int, on_done: Callable[[Job], None] = 
                 results[j.cfg] = ray.get(ref)
                 on_done(j)
         return results
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from cluster import fanout  # daemonic spawn workers that an interrupt ends at once
 
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
-        pending = {pool.submit(run_job, j): j for j in jobs}
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    j = pending.pop(fut)
-                    results[j.cfg] = fut.result()
-                    on_done(j)
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+    def done(i: int, summaries: dict[str, dict[str, Any]]) -> None:
+        results[jobs[i].cfg] = summaries
+        on_done(jobs[i])
+
+    fanout.run_each(_job, None, jobs, done, workers=workers)
     return results
 
 

@@ -115,3 +115,24 @@ def test_a_worker_exception_is_raised_in_the_caller() -> None:
     with pytest.raises(Exception) as there:
         fanout.run_policies(cfg, short, ["ep", "tp"], lambda r: None, workers=2)
     assert type(there.value) is type(here.value) and str(there.value) == str(here.value)
+
+
+def _twice_unless_a_worker(_shared, item: int, report) -> int:
+    """Dies at once in a worker process (as a script without a ``__main__`` guard does under
+    spawn); in the caller's process it doubles the item and reports it first."""
+    import multiprocessing
+    import os
+
+    if multiprocessing.parent_process() is not None:
+        os._exit(3)
+    report(item)
+    return 2 * item
+
+
+def test_work_that_kills_its_workers_finishes_in_the_caller() -> None:
+    got: dict[int, int] = {}
+    reports: list[tuple[int, int]] = []
+    fanout.run_each(_twice_unless_a_worker, None, [5, 6, 7], got.__setitem__,
+                    lambda i, v: reports.append((i, v)), workers=2)
+    assert got == {0: 10, 1: 12, 2: 14}
+    assert sorted(reports) == [(0, 5), (1, 6), (2, 7)]
