@@ -50,7 +50,7 @@ subtracts: the scheduler pauses the whole system while it repairs a fault it inj
 (:class:`actors.scheduler.World`). Commands with a sequence number (``cseq``: the scheduler
 numbers them when it injects message drops) are acknowledged on receipt and applied in
 order, a copy of one already applied is counted and ignored. Ray wraps these classes only in
-:mod:`cluster.launch`.
+:mod:`cluster.engines.launch`.
 """
 
 from __future__ import annotations
@@ -64,15 +64,15 @@ from typing import Any
 
 import numpy as np
 
-from actors import kernels as K
 from actors import wire
 from actors.clock import wall_now
 from actors.link import LINK_PEER
 from actors.transport import Refusals, Transport
-from cluster import reference as R
-from cluster.cost import CostModel
-from cluster.errors import EmulationError, ProtocolError
-from cluster.spec import Config
+from cluster.core import kernels as K
+from cluster.core import reference as R
+from cluster.core.cost import CostModel
+from cluster.core.errors import EmulationError, ProtocolError
+from cluster.core.spec import Config
 
 SCHED_PEER = b"sched"
 

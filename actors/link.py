@@ -42,7 +42,7 @@ import numpy as np
 from actors import wire
 from actors.clock import wall_now
 from actors.transport import Refusals, Transport
-from cluster.errors import EmulationError, ProtocolError
+from cluster.core.errors import EmulationError, ProtocolError
 
 CLASS_STEP = 0  # activations and partial outputs
 CLASS_FETCH = 1  # on-demand expert weights

@@ -44,18 +44,18 @@ from typing import Any
 import numpy as np
 
 import policies
-from actors import kernels as K
 from actors import wire
 from actors.clock import wall_now
 from actors.devices import SHIP_WINDOW
 from actors.link import CLASS_FETCH, CLASS_PREFETCH, LINK_PEER
 from actors.transport import Refusals, Transport
-from cluster.analytic import make_prefetcher, policy_cost_config
-from cluster.cost import CostModel
-from cluster.errors import EmulationError, ProtocolError
-from cluster.faults import Kill, parse_inject
-from cluster.routing import Routing, group_by_expert
-from cluster.spec import Config
+from cluster.core import kernels as K
+from cluster.core.cost import CostModel
+from cluster.core.errors import EmulationError, ProtocolError
+from cluster.core.faults import Kill, parse_inject
+from cluster.core.selection import Routing, group_by_expert
+from cluster.core.spec import Config
+from policies.build import make_prefetcher, policy_cost_config
 
 GPU_PEER = b"gpu"
 HEARTBEAT_SUFFIX = b".hb"  # a device's heartbeat socket is its name plus this
@@ -1062,14 +1062,14 @@ class SchedulerCore:
             self._all(base, "reset", per_peer=per_peer)
             pf_class = CLASS_FETCH if self.cfg.link.prefetch_priority == "equal" else CLASS_PREFETCH
             self.net.call(LINK_PEER, {"kind": "reset", "dilation": float(dilation),
-                                      "latency_s": run.lat_s, "bw_bytes_per_s": run.cost.link_bw,
+                                      "latency_s": run.lat_s, "bw_bytes_per_s": run.cost.link_bw_bytes_per_s,
                                       "prefetch_class": pf_class, "trace_seqs": trace_seqs,
                                       "bypass": True, "base_s": wall_now()}, what="link reset")
             self._preload(run)
             epoch = wall_now() + PREPARE_S
             run.stats.epoch_s = epoch
             self.net.call(LINK_PEER, {"kind": "reset", "dilation": float(dilation),
-                                      "latency_s": run.lat_s, "bw_bytes_per_s": run.cost.link_bw,
+                                      "latency_s": run.lat_s, "bw_bytes_per_s": run.cost.link_bw_bytes_per_s,
                                       "prefetch_class": pf_class, "trace_seqs": trace_seqs,
                                       "bypass": False, "base_s": epoch,
                                       "lookahead_s": self.hop_s,

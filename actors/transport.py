@@ -10,7 +10,7 @@ of every exchange use one small interface::
 A receive timeout returns ``None`` rather than raising: an actor's loop polls with a short
 deadline so that it can notice shutdown and send heartbeats, and a quiet interval is normal
 there. Where silence *is* a failure, :func:`recv_or_fail` raises
-:class:`~cluster.errors.EmulationError` naming what was awaited. Every receive has a finite
+:class:`~cluster.core.errors.EmulationError` naming what was awaited. Every receive has a finite
 deadline (DESIGN.md section 9); so has every send (``send_timeout_s``), which otherwise blocks
 forever once a dead peer's queue fills.
 
@@ -46,7 +46,7 @@ handshake with any other key, or with no key, fails before a single message is d
 dealer presents its own keypair and the server's public key. Each client key is also bound to
 the identities it may use (a device's ``name`` and ``name.hb``): a message whose identity does
 not belong to the key that authenticated its connection is dropped and recorded. Keys are
-never sent over zmq; the launcher hands them out through Ray (:mod:`cluster.launch`).
+never sent over zmq; the launcher hands them out through Ray (:mod:`cluster.engines.launch`).
 
 A router takes a second connection with an identity already connected (``ROUTER_HANDOVER``)
 only when asked (``handover``, for a restarted device under ``emulate.recover``); otherwise zmq
@@ -72,7 +72,7 @@ import zmq
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
-from cluster.errors import EmulationError
+from cluster.core.errors import EmulationError
 
 Frames = Sequence[Any]
 """A message as frames: ``bytes``, ``memoryview``, ``zmq.Frame`` or any buffer."""

@@ -26,7 +26,7 @@ fields are allowed. Anything that does not conform -- wrong version, unknown typ
 ill-typed field, a frame count that disagrees with the header, a dtype outside
 :data:`ALLOWED_DTYPES`, a shape that disagrees with the frame's bytes, a header over
 :data:`MAX_HEADER_BYTES`, an array frame over ``max_array_bytes``, malformed msgpack -- raises
-:class:`~cluster.errors.ProtocolError` and nothing else, so an actor can count and drop it.
+:class:`~cluster.core.errors.ProtocolError` and nothing else, so an actor can count and drop it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import msgpack
 import numpy as np
 
-from cluster.errors import ProtocolError
+from cluster.core.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024

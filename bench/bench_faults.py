@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_faults.py [--runs 20] [--seed 0] [--wall-limit-s 120]
                                            [--out bench/results/bench_faults.json]
 
-Each run is a whole ``ndpmoe run --engine emulate`` (``cluster.runner.run``: cluster start,
+Each run is a whole ``ndpmoe run --engine emulate`` (``cluster.studies.runner.run``: cluster start,
 weight generation, dilation calibration, the measured run, the run directory) of a tiny
 config (olmoe-1b-7b, 4 MoE layers, batch 1, 6 in / 4 out, one tp-family policy, heartbeat
 timeout 2 s) with one or two faults drawn from a seeded RNG: ``kill:ndpK@stepS``,
@@ -13,7 +13,7 @@ Ray instance serves every run.
 Verdicts:
 
 - recovery on, or no kill: the run must finish, its final hidden states must equal a
-  single-process reference forward pass (``cluster.reference.reference_forward``) to a
+  single-process reference forward pass (``cluster.core.reference.reference_forward``) to a
   relative error of 1e-4 and its counters must add up (``retries == dropped_messages +
   duplicate_commands``; a recovery per kill that fired);
 - recovery off with a kill: the run must fail with an EmulationError naming the killed unit,
@@ -43,13 +43,13 @@ from typing import Any
 import numpy as np
 import ray
 
-from cluster import runner
-from cluster.config import load_config
-from cluster.emulate import choose_scale
-from cluster.errors import EmulationError
-from cluster.faults import inject_overrides, parse_inject
-from cluster.reference import reference_forward
-from cluster.routing import build_routing
+from cluster.core.config import load_config
+from cluster.core.errors import EmulationError
+from cluster.core.faults import inject_overrides, parse_inject
+from cluster.core.reference import reference_forward
+from cluster.core.routing import build_routing
+from cluster.engines.emulate import choose_scale
+from cluster.studies import runner
 
 BASE = ("model.num_layers=4", "workload.prompt_tokens=6", "workload.output_tokens=4",
         "weights.memory_budget_bytes=67108864", "emulate.heartbeat_timeout_s=2")

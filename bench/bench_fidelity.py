@@ -23,14 +23,14 @@ from pathlib import Path
 
 import ray
 
-from cluster import launch
-from cluster.analytic import run_policy
 from cluster.cli import _emulate_defaults
-from cluster.config import load_config
-from cluster.emulate import calibrate, choose_scale, records_from_run, unit_layouts
-from cluster.metrics import summarize
-from cluster.routing import build_routing
-from cluster.runner import DEFAULT_POLICIES
+from cluster.core.config import load_config
+from cluster.core.metrics import summarize
+from cluster.core.routing import build_routing
+from cluster.engines import launch
+from cluster.engines.analytic import run_policy
+from cluster.engines.emulate import calibrate, choose_scale, records_from_run, unit_layouts
+from cluster.studies.runner import DEFAULT_POLICIES
 
 
 def _rel(a: float, b: float) -> float:

@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cluster.analytic import run_policy  # noqa: E402
-from cluster.config import load_config  # noqa: E402
-from cluster.routing import build_routing  # noqa: E402
+from cluster.core.config import load_config  # noqa: E402
+from cluster.core.routing import build_routing  # noqa: E402
+from cluster.engines.analytic import run_policy  # noqa: E402
 
 POLICIES = ["ep", "tp", "tp-lb", "paper", "eplb"]
 PAPER_POINT = {"model.num_experts": 128, "ndp.num_ndp_units": 4, "workload.batch_size": 1,

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 import policies
-from cluster.analytic import make_prefetcher
-from cluster.config import load_config
-from cluster.cost import CostModel
-from cluster.routing import build_routing, group_by_expert
+from cluster.core.config import load_config
+from cluster.core.cost import CostModel
+from cluster.core.routing import build_routing
+from cluster.core.selection import group_by_expert
+from policies.build import make_prefetcher
 
 SCALES = {
     "paper": dict(model="qwen3-30b-a3b", overrides=[

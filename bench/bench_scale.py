@@ -8,7 +8,7 @@ Emulation: a 256-expert top-8 model (qwen3-30b-a3b's widths and 4 layers, scaled
 (after ``ray.init``), peak resident memory of this run's Ray processes (sampled every 0.2 s
 from /proc), the calibrated dilation and the fidelity error (target <= 10%).
 
-Sweep: the stress grid's first configurations (``cluster.sweep``) with 1 and then 2 local
+Sweep: the stress grid's first configurations (``cluster.studies.sweep``) with 1 and then 2 local
 worker processes (what ``ndpmoe stress`` uses without ``--address``); points per second and
 the ratio. ``--sweep-only`` skips the emulation and keeps the emulation part of an existing
 ``--out`` file.
@@ -83,16 +83,16 @@ class PeakMemory:
 def bench_emulation(units: int) -> dict:
     import ray
 
-    from cluster import launch
-    from cluster.analytic import run_policy
-    from cluster.config import load_config
-    from cluster.emulate import (
+    from cluster.core.config import load_config
+    from cluster.core.routing import build_routing
+    from cluster.engines import launch
+    from cluster.engines.analytic import run_policy
+    from cluster.engines.emulate import (
         calibrate,
         choose_scale,
         records_from_run,
         unit_layouts,
     )
-    from cluster.routing import build_routing
 
     cfg = load_config(overrides=[
         f"ndp.num_ndp_units={units}", "model.num_experts=256", "model.top_k=8", "model.num_layers=4",
@@ -130,7 +130,7 @@ def bench_emulation(units: int) -> dict:
 
 
 def bench_sweep(n_configs: int) -> list[dict]:
-    from cluster.sweep import STRESS_AXES, STRESS_BASE, STRESS_POLICIES, Grid, run_sweep
+    from cluster.studies.sweep import STRESS_AXES, STRESS_BASE, STRESS_POLICIES, Grid, run_sweep
 
     out = []
     for workers in (1, 2):

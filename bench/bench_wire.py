@@ -66,7 +66,7 @@ from actors.clock import wall_now
 from actors.scheduler import Dispatcher
 from actors.transport import CurveKeys, ZmqDealer, ZmqRouter
 from actors.wire import decode, encode
-from cluster.errors import EmulationError
+from cluster.core.errors import EmulationError
 
 PAYLOADS = {"4KiB": 4 * 1024, "1MiB": 1024 * 1024}
 MODES = ("raw", "raw-nocopy", "raw-msgpack", "ndpmoe", "ndpmoe-curve")

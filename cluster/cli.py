@@ -20,7 +20,7 @@ exit with status 2; ``--debug`` shows the traceback instead. Messages are printe
 (never as Rich markup: a path or value may hold brackets). Ctrl-C and SIGTERM stop a run,
 write its partial results and exit with status 130.
 
-Before an emulated run starts its cluster, :mod:`cluster.preflight` prints the estimated
+Before an emulated run starts its cluster, :mod:`cluster.engines.preflight` prints the estimated
 wall time and memory and refuses a run above ``emulate.max_wall_s`` or the machine's memory.
 """
 
@@ -30,7 +30,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cluster.errors import EmulationError, NdpmoeError
+from cluster.core.errors import EmulationError, NdpmoeError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -158,13 +158,14 @@ def cmd_run(args: argparse.Namespace, console) -> int:
     from rich.markup import escape
 
     import policies
-    from cluster import preflight, rundir
-    from cluster.config import load_config
-    from cluster.errors import ConfigError
-    from cluster.faults import inject_overrides
-    from cluster.report import results_table
-    from cluster.routing import build_routing
-    from cluster.runner import DEFAULT_POLICIES, run
+    from cluster.core.config import load_config
+    from cluster.core.errors import ConfigError
+    from cluster.core.faults import inject_overrides
+    from cluster.core.routing import build_routing
+    from cluster.engines import preflight
+    from cluster.studies import rundir
+    from cluster.studies.report import results_table
+    from cluster.studies.runner import DEFAULT_POLICIES, run
 
     overrides = list(args.overrides) + inject_overrides(args.inject)
     if args.recover:
@@ -222,15 +223,15 @@ def cmd_run(args: argparse.Namespace, console) -> int:
 def cmd_reproduce(args: argparse.Namespace, console, argv: Sequence[str] | None) -> int:
     from rich.table import Table
 
-    from cluster import reproduce as rep
-    from cluster.errors import ConfigError
+    from cluster.core.errors import ConfigError
+    from cluster.studies import reproduce as rep
 
     for flag in ("prompt", "output", "sweep_output", "workers"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} {v} is not allowed: must be an integer >= 1")
     if args.out is not None:
-        from cluster import rundir
+        from cluster.studies import rundir
 
         rundir.check_out(args.out, overwrite=True, must_be_empty=False)
     opts = rep.options(args.models, args.units, args.prompt, args.output, args.sweep_output,
@@ -263,16 +264,16 @@ def cmd_sweep(args: argparse.Namespace, console) -> int:
     """``sweep`` and ``stress``: build the grid, run it, write the run directory."""
     from pathlib import Path
 
-    from cluster import sweep
-    from cluster.errors import ConfigError
-    from cluster.report import new_run_dir
+    from cluster.core.errors import ConfigError
+    from cluster.studies import sweep
+    from cluster.studies.report import new_run_dir
 
     stress = args.cmd == "stress"
     axes: dict = dict(sweep.STRESS_AXES) if stress else {}
     pols = list(sweep.STRESS_POLICIES) if stress else ["ep", "tp", "tp-lb", "paper"]
     base = list(sweep.STRESS_BASE) if stress else []
     if args.out is not None:
-        from cluster import rundir
+        from cluster.studies import rundir
 
         rundir.check_out(args.out, overwrite=True, must_be_empty=False)
     if args.grid:
@@ -299,7 +300,7 @@ def cmd_sweep(args: argparse.Namespace, console) -> int:
 
 def _check_grid_lists(path: str, pols, base) -> None:
     """``policies`` and ``set`` of a grid file must be lists of strings."""
-    from cluster.errors import ConfigError
+    from cluster.core.errors import ConfigError
 
     for key, value in (("policies", pols), ("set", base)):
         if value is None and key == "policies":
@@ -322,8 +323,8 @@ def cmd_routing_stats(args: argparse.Namespace, console) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from cluster import routing_stats as rst
-    from cluster.errors import ConfigError
+    from cluster.core import routing_stats as rst
+    from cluster.core.errors import ConfigError
 
     ids, E = rst.read_ids(args.trace, args.experts)
     S = ids.shape[1]
@@ -387,8 +388,8 @@ def cmd_policies(console) -> int:
 def cmd_presets(args: argparse.Namespace, console) -> int:
     from rich.table import Table
 
-    from cluster import presets
-    from cluster.spec import ModelSpec
+    from cluster.core import presets
+    from cluster.core.spec import ModelSpec
 
     if args.show:
         return _show_preset(args.show, console)
@@ -416,8 +417,8 @@ def _show_preset(name: str, console) -> int:
     """Prints a system or model preset as TOML, ready to copy into a ``--system`` file."""
     import json
 
-    from cluster import presets
-    from cluster.errors import ConfigError
+    from cluster.core import presets
+    from cluster.core.errors import ConfigError
 
     if name in presets.SYSTEMS:
         sections = {"system_name": name, **presets.SYSTEMS[name]}

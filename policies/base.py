@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from cluster.cost import CostModel
-from cluster.spec import Config
+from cluster.core.cost import CostModel
+from cluster.core.spec import Config
 from policies.plan import GPU, Plan, Task, tp_bounds  # noqa: F401  (re-exported)
 
 

@@ -143,7 +143,7 @@ class ContextAware(Prefetcher):
     of decode traffic served from the GPU if prefill shares predict decode shares. The
     experts left on the NDP side are stored at ``policy.ndp_weight_bits`` (the engines build
     this policy's cost model with their weight bytes scaled by ``bits / 16``; see
-    :func:`cluster.analytic.policy_cost_config`).
+    :func:`policies.build.policy_cost_config`).
 
     Modelled: prefill statistics (activation counts and router scores) pin hot experts in
     GPU memory; cold experts run in place on the NDP side at reduced bit-width; GPU and NDP

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import NamedTuple
 
-from cluster.cost import CostModel
+from cluster.core.cost import CostModel
 
 GPU = -1  # device id of the GPU in a Task; NDP units are 0..N-1
 ALL_UNITS = -2  # a tensor-parallel task: its columns are split over every unit (tp_bounds)
@@ -184,7 +184,7 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False,
     intervals: list[Interval] = []
     single = _single_token(plan.tasks)
     work, toks, slices = _unit_loads(unit_tasks, groups, cost, num_units, d_ff, single, record)
-    act_bytes, latency, link_bw = cost.act_bytes_per_token, cost.link_latency_s, cost.link_bw
+    act_bytes, latency, link_bw = cost.act_bytes_per_token, cost.link_latency_s, cost.link_bw_bytes_per_s
 
     # Priority 0 on the link: one activation message per busy unit, then partials on release.
     link_t = 0.0
@@ -394,5 +394,5 @@ def lower_bound_s(plan: Plan, cost: CostModel, num_units: int) -> float:
         ndp_bytes += wbytes * frac + k * n * abytes
     link = sum(cost.expert_bytes * (f.col_end - f.col_start) / d_ff for f in plan.fetches)
     speed = cost.unit_speed_sum if len(cost.unit_factor) == num_units else num_units
-    return max(ndp_bytes / (speed * cost.ndp_bw), ndp_flops / (speed * cost.ndp_flops),
-               link / cost.link_bw, gpu_s)
+    return max(ndp_bytes / (speed * cost.ndp_bw_bytes_per_s), ndp_flops / (speed * cost.ndp_flops_per_s),
+               link / cost.link_bw_bytes_per_s, gpu_s)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cluster.spec import Config
+from cluster.core.spec import Config
 from policies.registry import register
 
 Key = tuple[int, int]  # (layer, expert)
@@ -97,14 +97,15 @@ class PrefetchContext:
 class Prefetcher:
     """No prefetching; the cache stays empty. Base class of the others.
 
-    Class flags the engines read: ``needs_future`` and ``needs_prefill_routing`` (fill those
-    :class:`PrefetchContext` fields); ``uses_ndp_weight_bits`` (the policy's NDP-side experts
+    Class flags the engines read: ``needs_future``, ``needs_prefill_routing`` and
+    ``needs_calibration`` (fill those :class:`PrefetchContext` fields; see ``policies.build``); ``uses_ndp_weight_bits`` (the policy's NDP-side experts
     are stored at ``policy.ndp_weight_bits``: its cost model scales their weight bytes).
     """
 
     name = "base"
     needs_future = False
     needs_prefill_routing = False
+    needs_calibration = False
     uses_ndp_weight_bits = False
 
     def __init__(self, ctx: PrefetchContext) -> None:
@@ -150,6 +151,8 @@ class PrefillFrequency(Prefetcher):
 @register("prefetcher", "profiled")
 class Profiled(Prefetcher):
     """Dataset-based: cache the most used experts of a separate calibration trace, preloaded."""
+
+    needs_calibration = True
 
     def preload(self) -> list[Key]:
         if self.ctx.calibration is None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from cluster.errors import ConfigError
+from cluster.core.errors import ConfigError
 
 KINDS = ("scheduler", "prefetcher")
 _REGISTRY: dict[str, dict[str, type]] = {k: {} for k in KINDS}

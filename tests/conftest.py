@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from cluster.config import load_config
-from cluster.spec import Config
+from cluster.core.config import load_config
+from cluster.core.spec import Config
 
 # shipped inside the repository (tests/data/README.md gives its source and licence), so a
 # fresh clone with nothing beside it runs every test
@@ -58,12 +58,12 @@ def cache_spy(monkeypatch) -> Callable[[int], tuple[list, list[int]]]:
     ``watch(capacity)`` returns ``(made, sizes)``: the prefetchers made and the cache size
     after every hook call, filled in as the run goes.
     """
-    import cluster.analytic
+    import cluster.engines.analytic
 
     def watch(capacity: int) -> tuple[list, list[int]]:
         made: list = []
         sizes: list[int] = []
-        original = cluster.analytic.make_prefetcher
+        original = cluster.engines.analytic.make_prefetcher
 
         def spy(cfg_, name, routing_):
             pf = original(cfg_, name, routing_)
@@ -82,7 +82,7 @@ def cache_spy(monkeypatch) -> Callable[[int], tuple[list, list[int]]]:
                 setattr(pf, hook, checked)
             return pf
 
-        monkeypatch.setattr(cluster.analytic, "make_prefetcher", spy)
+        monkeypatch.setattr(cluster.engines.analytic, "make_prefetcher", spy)
         return made, sizes
 
     return watch

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cluster.reference import scaled_model
-from cluster.spec import Config
+from cluster.core.reference import scaled_model
+from cluster.core.spec import Config
 
 U = 2.0 ** -24  # unit roundoff of float32
 

@@ -7,10 +7,10 @@ import itertools
 import pytest
 
 import policies
-from cluster.analytic import BackgroundLink, run_policy
-from cluster.cost import CostModel
-from cluster.metrics import PolicyRecords, StepRecord, summarize
-from cluster.routing import build_routing
+from cluster.core.cost import CostModel
+from cluster.core.metrics import PolicyRecords, StepRecord, summarize
+from cluster.core.routing import build_routing
+from cluster.engines.analytic import BackgroundLink, run_policy
 
 UNITS = 4
 LAYERS = 16  # olmoe-1b-7b
@@ -21,7 +21,7 @@ POLICIES = [*policies.names("scheduler"), "paper", "tp-lb+lru", "tp-lb+lfu", "tp
 @pytest.fixture(scope="module")
 def runs() -> dict:
     """Every policy once on OLMoE, 16 prompt + 8 output tokens, batch 1, 4 units."""
-    from cluster.config import load_config
+    from cluster.core.config import load_config
 
     cfg = load_config(model="olmoe-1b-7b", overrides=["workload.prompt_tokens=16",
                                                       "workload.output_tokens=8"])

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster import presets
-from cluster.config import load_config, model_from_hf_config, parse_override
-from cluster.errors import ConfigError, NdpmoeError
-from cluster.spec import GIB, Config, ModelSpec
+from cluster.core import presets
+from cluster.core.config import load_config, model_from_hf_config, parse_override
+from cluster.core.errors import ConfigError, NdpmoeError
+from cluster.core.spec import GIB, Config, ModelSpec
 
 
 def config_error(**kwargs) -> str:
@@ -464,6 +464,6 @@ def test_config_round_trips_through_its_dict() -> None:
     cfg = load_config(model="olmoe-1b-7b", overrides=["link.bw_gbps=32"])
     d = cfg.to_dict()
     assert d["link"]["bw_gbps"] == 32.0 and d["model"]["name"] == "olmoe-1b-7b"
-    from cluster.spec import SECTIONS
+    from cluster.core.spec import SECTIONS
     rebuilt = Config(**{s: SECTIONS[s](**d[s]) for s in SECTIONS}, system_name=d["system_name"])
     assert rebuilt == cfg

@@ -11,8 +11,8 @@ import itertools
 
 import pytest
 
-from cluster.config import load_config
-from cluster.cost import CostModel
+from cluster.core.config import load_config
+from cluster.core.cost import CostModel
 
 D_MODEL, D_FF = 2048, 768
 EXPERT_BYTES = 3 * D_MODEL * D_FF * 2  # fp16 gate, up and down

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from cluster.cli import _parser
-from cluster.config import load_config
+from cluster.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 import policies
-from cluster.analytic import make_prefetcher, run_policy
-from cluster.config import load_config
-from cluster.metrics import summarize
-from cluster.routing import build_routing
+from cluster.core.config import load_config
+from cluster.core.metrics import summarize
+from cluster.core.routing import build_routing
+from cluster.engines.analytic import run_policy
+from policies.build import make_prefetcher
 
 
 def _cfg(routing: str, *extra: str):
@@ -67,7 +68,7 @@ def test_a_huge_margin_turns_it_into_paper() -> None:
 
 
 def test_its_knobs_are_validated() -> None:
-    from cluster.errors import ConfigError
+    from cluster.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="drift_half_life_tokens"):
         _cfg("synthetic", "policy.drift_half_life_tokens=0")

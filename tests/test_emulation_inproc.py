@@ -34,14 +34,15 @@ from actors.devices import DeviceServer, GpuDevice, NdpUnit
 from actors.link import LinkServer
 from actors.scheduler import GPU_PEER, SchedulerCore, unit_peer
 from actors.transport import InprocEndpoint, InprocHub
-from cluster.analytic import run_policy
-from cluster.config import load_config
-from cluster.emulate import records_from_run, unit_layouts
-from cluster.errors import EmulationError
-from cluster.metrics import summarize
-from cluster.reference import reference_forward
-from cluster.routing import Routing, build_routing
-from cluster.spec import Config
+from cluster.core.config import load_config
+from cluster.core.errors import EmulationError
+from cluster.core.metrics import summarize
+from cluster.core.reference import reference_forward
+from cluster.core.routing import build_routing
+from cluster.core.selection import Routing
+from cluster.core.spec import Config
+from cluster.engines.analytic import run_policy
+from cluster.engines.emulate import records_from_run, unit_layouts
 
 SCALE = 1 / 16  # real widths: olmoe d_model 128, d_ff 64
 TINY = ("workload.prompt_tokens=6", "workload.output_tokens=3")

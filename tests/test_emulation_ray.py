@@ -2,7 +2,7 @@
 
 One Ray instance serves the whole module (starting it costs ~2.5 s and ~400 MB) and one
 cluster serves the per-policy checks; every cluster a test starts is closed even when the test
-fails. ``cluster.launch.start`` and ``cluster.runner.run`` reuse the module's Ray (they start
+fails. ``cluster.engines.launch.start`` and ``cluster.studies.runner.run`` reuse the module's Ray (they start
 one only when none is running) and leave it running when they close.
 """
 
@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cluster import launch
-from cluster.config import load_config
-from cluster.emulate import choose_scale, unit_layouts
-from cluster.errors import EmulationError
-from cluster.reference import reference_forward
-from cluster.routing import Routing, build_routing
-from cluster.spec import Config
+from cluster.core.config import load_config
+from cluster.core.errors import EmulationError
+from cluster.core.reference import reference_forward
+from cluster.core.routing import build_routing
+from cluster.core.selection import Routing
+from cluster.core.spec import Config
+from cluster.engines import launch
+from cluster.engines.emulate import choose_scale, unit_layouts
 
 pytestmark = pytest.mark.ray
 
@@ -95,7 +96,7 @@ def reference(emu) -> np.ndarray:
 
 
 def test_the_scale_fits_the_budget_and_every_unit_holds_its_weights(emu) -> None:
-    from actors import kernels as K
+    from cluster.core import kernels as K
 
     budget = 67108864
     assert 0 < emu.scale < 1
@@ -110,7 +111,7 @@ def test_the_scale_fits_the_budget_and_every_unit_holds_its_weights(emu) -> None
 
 @pytest.mark.parametrize("name", ["ep", "monde", "tp", "tp-lb", "paper"])
 def test_policy_on_the_ray_cluster_equals_the_reference_forward_pass(emu, reference, name) -> None:
-    from cluster.emulate import records_from_run
+    from cluster.engines.emulate import records_from_run
 
     st, meta = launch.get(emu.cluster.scheduler.run_policy.remote(name, 1.0, True), timeout=120)
     out = launch.get(emu.cluster.scheduler.collect.remote(), timeout=60)
@@ -127,9 +128,9 @@ def test_a_run_at_a_higher_dilation_measures_the_analytic_latency(emu) -> None:
     modelled time, so the measurement can only exceed the prediction (by what overran); on a
     shared 2-core machine how much it exceeds depends on load, so it is bounded loosely here
     (README quotes the measured fidelity with its command)."""
-    from cluster.analytic import run_policy
-    from cluster.emulate import records_from_run
-    from cluster.metrics import summarize
+    from cluster.core.metrics import summarize
+    from cluster.engines.analytic import run_policy
+    from cluster.engines.emulate import records_from_run
 
     st, meta = launch.get(emu.cluster.scheduler.run_policy.remote("tp", 150.0), timeout=300)
     got = summarize(records_from_run(emu.cfg, "tp", st, meta), 4)
@@ -182,7 +183,7 @@ def test_a_killed_unit_fails_the_run_naming_it_and_close_ends_every_actor(ray_lo
 
 @pytest.fixture(scope="module")
 def emulated_run(ray_local, tmp_path_factory) -> tuple[Any, dict]:
-    from cluster import runner
+    from cluster.studies import runner
 
     out = tmp_path_factory.mktemp("emulate")
     res = runner.run(_cfg(), ["tp", "paper", "monde"], engine="emulate", out=out, progress=False)
@@ -239,7 +240,7 @@ def test_emulated_run_writes_the_whole_run_directory(emulated_run) -> None:
 
 
 def test_an_explicit_dilation_is_used_and_the_floor_still_measured(ray_local, tmp_path) -> None:
-    from cluster import runner
+    from cluster.studies import runner
 
     res = runner.run(_cfg("emulate.dilation=5"), ["tp"], engine="emulate", out=tmp_path,
                      progress=False, plots=False)

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.analytic import run_policy
-from cluster.routing import build_routing
+from cluster.core.routing import build_routing
+from cluster.engines.analytic import run_policy
 from policies import GPU
 from policies.eplb import (
     EMPTY,

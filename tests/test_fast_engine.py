@@ -13,11 +13,12 @@ import math
 import pytest
 
 import policies
-from cluster import fanout
-from cluster.config import load_config
-from cluster.cost import CostModel
-from cluster.metrics import summarize
-from cluster.routing import build_routing, group_by_expert
+from cluster.core.config import load_config
+from cluster.core.cost import CostModel
+from cluster.core.metrics import summarize
+from cluster.core.routing import build_routing
+from cluster.core.selection import group_by_expert
+from cluster.engines import fanout
 from policies.plan import ALL_UNITS, GPU, Plan, Task
 
 
@@ -105,7 +106,7 @@ def test_an_interrupt_in_the_caller_ends_every_worker_at_once() -> None:
 def test_a_worker_exception_is_raised_in_the_caller() -> None:
     """A routing that names experts the model lacks fails inside the workers; the caller
     gets the same exception type, with the same message, as running the policy here gives."""
-    from cluster.routing import Routing
+    from cluster.core.selection import Routing
 
     cfg = _cfg()
     good = build_routing(cfg)

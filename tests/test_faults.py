@@ -34,15 +34,16 @@ from actors.devices import Device, DeviceServer, GpuDevice, Hold, NdpUnit
 from actors.link import LINK_PEER, LinkServer
 from actors.scheduler import GPU_PEER, SchedulerCore, heartbeat_peer, unit_peer
 from actors.transport import InprocHub
-from cluster.analytic import run_policy
-from cluster.config import load_config
-from cluster.cost import CostModel
-from cluster.emulate import records_from_run, unit_layouts
-from cluster.errors import ConfigError, EmulationError
-from cluster.faults import GRAMMAR, Faults, Kill, inject_overrides, parse_inject
-from cluster.reference import reference_forward
-from cluster.routing import build_routing, group_by_expert
-from cluster.spec import Config
+from cluster.core.config import load_config
+from cluster.core.cost import CostModel
+from cluster.core.errors import ConfigError, EmulationError
+from cluster.core.faults import GRAMMAR, Faults, Kill, inject_overrides, parse_inject
+from cluster.core.reference import reference_forward
+from cluster.core.routing import build_routing
+from cluster.core.selection import group_by_expert
+from cluster.core.spec import Config
+from cluster.engines.analytic import run_policy
+from cluster.engines.emulate import records_from_run, unit_layouts
 
 SCALE = 1 / 16
 TINY = ("workload.prompt_tokens=6", "workload.output_tokens=3", "model.num_layers=4")
@@ -124,7 +125,7 @@ def test_a_slow_unit_raises_imbalance_and_shows_in_the_trace() -> None:
     slow = _cfg(inject="slow:ndp1x3")
     routing = build_routing(healthy)
     a, b = run_policy(healthy, routing, "tp"), run_policy(slow, routing, "tp")
-    from cluster.metrics import summarize
+    from cluster.core.metrics import summarize
 
     mom_a, mom_b = summarize(a, 4)["max_over_mean"], summarize(b, 4)["max_over_mean"]
     assert mom_a == pytest.approx(1.0, abs=1e-6)  # tp: equal slices, equal work
@@ -309,7 +310,7 @@ def served(cfg: Config, restart_after_s: float = 0.3) -> Iterator[Served]:
 
 
 def _fidelity(sys_: Served, name: str, st, meta) -> float:
-    from cluster.metrics import summarize
+    from cluster.core.metrics import summarize
 
     got = summarize(records_from_run(sys_.cfg, name, st, meta), 4)["e2e_latency_s"]
     want = summarize(run_policy(sys_.cfg, sys_.routing, name), 4)["e2e_latency_s"]
@@ -366,7 +367,8 @@ def test_a_killed_unit_restarts_rejoins_and_the_run_ends_as_without_the_fault(na
 
 def test_a_failed_emulated_run_still_writes_its_partial_results(tmp_path, monkeypatch) -> None:
     """The runner's side, without Ray: finished policies, the failed one, then the error."""
-    from cluster import emulate, runner
+    from cluster.engines import emulate
+    from cluster.studies import runner
 
     cfg = _cfg()
     routing = build_routing(cfg)
@@ -413,7 +415,7 @@ def test_a_death_nobody_injected_is_recovered_and_only_its_detection_time_counts
     assert sys_.restarts == [unit_peer(1)] and not st.kills
     assert st.recoveries == 1 and st.pauses == 1 and st.recovery_wall_s >= 1.5
     assert rel_error(out, ref) <= REL_TOL
-    from cluster.metrics import summarize
+    from cluster.core.metrics import summarize
 
     got = summarize(records_from_run(cfg, "tp", st, meta), 4)["e2e_latency_s"]
     ana = run_policy(cfg, sys_.routing, "tp").tokens[-1].time_s
@@ -430,7 +432,7 @@ RAY_TINY = ("weights.memory_budget_bytes=67108864", "emulate.dilation=40")
 @pytest.mark.ray
 def test_a_killed_unit_without_recovery_fails_fast_and_leaves_a_partial_summary(
         ray_local, tmp_path) -> None:
-    from cluster import runner
+    from cluster.studies import runner
 
     cfg = _cfg(*RAY_TINY, inject="kill:ndp1@step1")
     t0 = time.monotonic()
@@ -455,7 +457,7 @@ def test_a_killed_unit_without_recovery_fails_fast_and_leaves_a_partial_summary(
 @pytest.mark.ray
 def test_dropped_commands_on_the_ray_cluster_are_sent_again_at_auto_dilation(
         ray_local, tmp_path) -> None:
-    from cluster import runner
+    from cluster.studies import runner
 
     cfg = _cfg("weights.memory_budget_bytes=67108864", inject="drop:0.15")
     res = runner.run(cfg, ["tp"], engine="emulate", out=tmp_path, progress=False, plots=False)
@@ -475,7 +477,7 @@ def test_dropped_commands_on_the_ray_cluster_are_sent_again_at_auto_dilation(
 @pytest.mark.ray
 def test_a_killed_unit_with_recovery_is_restarted_by_ray_and_the_run_keeps_its_fidelity(
         ray_local, tmp_path) -> None:
-    from cluster import runner
+    from cluster.studies import runner
 
     cfg = _cfg("weights.memory_budget_bytes=67108864", "emulate.recover=true",
                "emulate.heartbeat_timeout_s=2", inject="kill:ndp2@step1")

@@ -20,9 +20,9 @@ from fp32_bounds import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors import kernels as K
-from cluster.config import load_config
-from cluster.errors import ConfigError
+from cluster.core import kernels as K
+from cluster.core.config import load_config
+from cluster.core.errors import ConfigError
 from policies.base import tp_bounds
 
 SEED, LAYER, D, F = 7, 3, 48, 40  # small and not multiples of the 64-wide blocks
@@ -311,7 +311,7 @@ def test_group_tokens_and_gate_weights_for_recover_the_routing() -> None:
 
 
 def test_kernels_and_reference_import_neither_ray_nor_zmq() -> None:
-    code = ("import sys, actors.kernels, cluster.reference; "
+    code = ("import sys, cluster.core.kernels, cluster.core.reference; "
             "bad = [m for m in ('ray', 'zmq') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster import launch
-from cluster.config import load_config
-from cluster.emulate import choose_scale, unit_layouts
-from cluster.reference import reference_forward
-from cluster.routing import build_routing
+from cluster.core.config import load_config
+from cluster.core.reference import reference_forward
+from cluster.core.routing import build_routing
+from cluster.engines import launch
+from cluster.engines.emulate import choose_scale, unit_layouts
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

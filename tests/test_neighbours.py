@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import cluster.analytic
 import policies
-from cluster.analytic import Episode, Executor, policy_cost_config, run_policy
-from cluster.errors import ConfigError
-from cluster.metrics import summarize, write_steps_csv
-from cluster.routing import Routing, build_routing, group_by_expert
-from cluster.spec import PolicySpec
+import policies.build
+from cluster.core.errors import ConfigError
+from cluster.core.metrics import summarize, write_steps_csv
+from cluster.core.routing import build_routing
+from cluster.core.selection import Routing, group_by_expert
+from cluster.core.spec import PolicySpec
+from cluster.engines.analytic import Episode, Executor, run_policy
+from policies.build import policy_cost_config
 from policies.neighbours import context_scores, gate_sums, propagate, transition_counts
 
 NEW = ["context-aware", "od-moe", "expertflow", "paper-refresh", "monde-tp",
@@ -169,8 +171,8 @@ def test_context_aware_with_alpha_one_pins_what_prefill_freq_caches(tiny) -> Non
     cfg = tiny("policy.context_alpha=1.0", f"policy.expert_cache_bytes={40 * EXPERT_BYTES}")
     routing = build_routing(cfg)
     counts = routing.prefill_counts(cfg.model.num_experts)
-    pins = cluster.analytic.make_prefetcher(cfg, "context-aware", routing).after_prefill(counts)
-    freq = cluster.analytic.make_prefetcher(cfg, "prefill-freq", routing).after_prefill(counts)
+    pins = policies.build.make_prefetcher(cfg, "context-aware", routing).after_prefill(counts)
+    freq = policies.build.make_prefetcher(cfg, "prefill-freq", routing).after_prefill(counts)
     assert pins == freq and len(pins) == 40
 
 
@@ -184,7 +186,7 @@ def test_reduced_ndp_bit_width_speeds_up_context_aware_and_nothing_else(tiny) ->
         assert e2e(cfg4, routing, name) == e2e(cfg16, routing, name), name
     # 4 bits: a quarter of the weight bytes per NDP unit, through the policy's own cost model
     ep4 = Episode(cfg4, routing, "context-aware")
-    assert ep4.cfg is cfg4 and ep4.cost.ndp_bw == pytest.approx(4 * Episode(cfg16, routing, "context-aware").cost.ndp_bw)
+    assert ep4.cfg is cfg4 and ep4.cost.ndp_bw_bytes_per_s == pytest.approx(4 * Episode(cfg16, routing, "context-aware").cost.ndp_bw_bytes_per_s)
     assert policy_cost_config(cfg16, policies.get("prefetcher", "context-aware")) is cfg16
     rec = run_policy(cfg4, routing, "context-aware")
     assert summarize(rec, 4)["ndp_weight_bits"] == 4
@@ -203,9 +205,9 @@ def test_od_moe_hits_more_with_a_better_predictor(tiny) -> None:
 
 def test_od_moe_predictor_names_as_many_experts_as_are_active_and_recall_one_is_exact(tiny) -> None:
     routing = build_routing(tiny())
-    truth = cluster.analytic.decode_future(routing)
-    exact = cluster.analytic.make_prefetcher(tiny("policy.odmoe_recall=1.0"), "od-moe", routing)
-    rough = cluster.analytic.make_prefetcher(tiny("policy.odmoe_recall=0.5"), "od-moe", routing)
+    truth = policies.build.decode_future(routing)
+    exact = policies.build.make_prefetcher(tiny("policy.odmoe_recall=1.0"), "od-moe", routing)
+    rough = policies.build.make_prefetcher(tiny("policy.odmoe_recall=0.5"), "od-moe", routing)
     for s in range(routing.decode_steps):
         for lay in range(routing.num_layers):
             assert exact.predict(s, lay) == sorted(truth[s][lay])
@@ -216,7 +218,7 @@ def test_od_moe_predictor_names_as_many_experts_as_are_active_and_recall_one_is_
 def test_od_moe_keeps_only_upcoming_layers(tiny) -> None:
     cfg = tiny("policy.odmoe_lookahead=2")
     routing = build_routing(cfg)
-    pf = cluster.analytic.make_prefetcher(cfg, "od-moe", routing)
+    pf = policies.build.make_prefetcher(cfg, "od-moe", routing)
     L = cfg.model.num_layers
     pf.after_prefill(routing.prefill_counts(cfg.model.num_experts))
     assert {k[0] for k in pf.cache} <= {0, 1}
@@ -256,7 +258,7 @@ def test_expertflow_hits_on_skewed_routing_with_reuse_and_grows_its_horizon(tiny
 
 def test_expertflow_uses_no_future_knowledge(tiny) -> None:
     cfg = tiny()
-    pf = cluster.analytic.make_prefetcher(cfg, "expertflow", build_routing(cfg))
+    pf = policies.build.make_prefetcher(cfg, "expertflow", build_routing(cfg))
     assert pf.ctx.future is None and pf.ctx.prefill_ids is not None
 
 
@@ -291,7 +293,7 @@ def test_refresh_swaps_are_bounded_and_only_replace_colder_experts(tiny) -> None
     cfg = tiny(f"policy.expert_cache_bytes={12 * 16 * EXPERT_BYTES}", "policy.refresh_period_steps=1",
                "policy.refresh_max_swaps=5", "workload.output_tokens=24")
     routing = drifting_routing(cfg)
-    pf = cluster.analytic.make_prefetcher(cfg, "prefill-freq-refresh", routing)
+    pf = policies.build.make_prefetcher(cfg, "prefill-freq-refresh", routing)
     pf.after_prefill(routing.prefill_counts(cfg.model.num_experts))
     before = set(pf.cache)
     L = cfg.model.num_layers

@@ -17,12 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import policies
-from cluster.analytic import run_policy
-from cluster.cost import CostModel
-from cluster.errors import ConfigError
-from cluster.metrics import write_steps_csv
-from cluster.routing import build_routing, group_by_expert
-from cluster.spec import Config, ModelSpec, NdpSpec, PolicySpec, WorkloadSpec
+from cluster.core.cost import CostModel
+from cluster.core.errors import ConfigError
+from cluster.core.metrics import write_steps_csv
+from cluster.core.routing import build_routing
+from cluster.core.selection import group_by_expert
+from cluster.core.spec import Config, ModelSpec, NdpSpec, PolicySpec, WorkloadSpec
+from cluster.engines.analytic import run_policy
 from policies import ALL_UNITS, GPU, Plan, StepInput
 
 SCHEDULERS = policies.names("scheduler")

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PURE = ["policies", "cluster.spec", "cluster.config", "cluster.cost", "cluster.routing",
-        "cluster.analytic", "cluster.metrics", "cluster.presets", "cluster.errors"]
+PURE = ["policies", "cluster.core.spec", "cluster.core.config", "cluster.core.cost", "cluster.core.routing",
+        "cluster.engines.analytic", "cluster.core.metrics", "cluster.core.presets", "cluster.core.errors"]
 
 
 def loaded_after_importing(modules: list[str]) -> set[str]:
@@ -32,10 +32,10 @@ def test_pure_modules_import_neither_ray_nor_zmq() -> None:
 
 
 def test_a_pure_analytic_run_stays_free_of_ray_and_zmq() -> None:
-    code = ("from cluster.config import load_config\n"
-            "from cluster.routing import build_routing\n"
-            "from cluster.analytic import run_policy\n"
-            "from cluster.metrics import summarize\n"
+    code = ("from cluster.core.config import load_config\n"
+            "from cluster.core.routing import build_routing\n"
+            "from cluster.engines.analytic import run_policy\n"
+            "from cluster.core.metrics import summarize\n"
             "import sys\n"
             "cfg = load_config(model='olmoe-1b-7b', overrides=['workload.prompt_tokens=4',"
             " 'workload.output_tokens=2'])\n"

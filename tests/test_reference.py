@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from fp32_bounds import assert_within, forward_tolerance
 
-from actors import kernels as K
-from cluster import reference as R
-from cluster.config import load_config
-from cluster.errors import RoutingError
-from cluster.routing import Routing, build_routing, popularity
-from cluster.spec import Config
+from cluster.core import kernels as K
+from cluster.core import reference as R
+from cluster.core.config import load_config
+from cluster.core.errors import RoutingError
+from cluster.core.routing import build_routing
+from cluster.core.selection import Routing, popularity
+from cluster.core.spec import Config
 from policies.base import tp_bounds
 
 SCALE = 1 / 16

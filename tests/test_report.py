@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from cluster import report, runner
-from cluster.config import load_config
-from cluster.cost import CostModel
+from cluster.core.config import load_config
+from cluster.core.cost import CostModel
+from cluster.studies import report, runner
 
 TINY = ("workload.prompt_tokens=8", "workload.output_tokens=4")
 POLICIES = ["ep", "monde", "tp", "tp-lb", "paper"]
@@ -286,7 +286,7 @@ def test_cli_policies_lists_every_scheduler_prefetcher_and_paper(cli, capsys) ->
 
 
 def test_cli_presets_lists_the_five_systems_and_six_models(cli, capsys) -> None:
-    from cluster import presets
+    from cluster.core import presets
 
     status, out, _ = cli(["presets"], capsys)
     assert status == 0

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import policies
-from cluster import reproduce as R
 from cluster.cli import main
+from cluster.studies import reproduce as R
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUICK_MODELS = R.QUICK["models"]
@@ -153,7 +153,7 @@ def test_bad_override_or_model_fails_before_any_work(tmp_path, capsys) -> None:
 
 def test_spot_check_is_reported_beside_the_analytic_numbers(tmp_path, monkeypatch) -> None:
     """The spot check's bookkeeping, with the emulation engine swapped for a stand-in."""
-    import cluster.runner
+    import cluster.studies.runner
 
     def fake_run(cfg, names, engine, out, **kw):
         assert engine == "emulate" and cfg.ndp.num_ndp_units == R.SPOT_CHECK["units"]
@@ -165,9 +165,9 @@ def test_spot_check_is_reported_beside_the_analytic_numbers(tmp_path, monkeypatc
                          "dilation": 50.0, "overruns": 3, "device_slots": {"gpu": 40, "ndp0": 60},
                          "emulator_floor": {"control_path_emulated_us": 7.5}}
                      for n, (a, e) in lat.items()}
-        return cluster.runner.RunResult(Path(out), summaries, [])
+        return cluster.studies.runner.RunResult(Path(out), summaries, [])
 
-    monkeypatch.setattr(cluster.runner, "run", fake_run)
+    monkeypatch.setattr(cluster.studies.runner, "run", fake_run)
     opts = R.options(quick=True, models=["mixtral-8x7b"], units=[2], contrast_models=[],
                      workers=1, spot_check=True)
     o = R.reproduce(opts, tmp_path / "run", progress=False)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster import reproduce as R
-from cluster import reproduce_routing as RR
+from cluster.studies import reproduce as R
+from cluster.studies import reproduce_routing as RR
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_derive_and_summary_measure_the_gap_closed() -> None:
 
 
 def test_section_says_whether_the_goal_was_met() -> None:
-    from cluster.config import load_config
+    from cluster.core.config import load_config
 
     cfg = load_config("edge-rtx5080-ndp4", "qwen3-30b-a3b", None, [])
     met = {"routing_headline": _rows(5.0, 4.4, 4.0) + _rows(4.0, 4.0, 3.9, RR.STATIONARY)}
@@ -77,7 +77,7 @@ def test_section_says_whether_the_goal_was_met() -> None:
 
 
 def test_odmoe_numbers_compare_one_fetch_with_the_ndp_slice_it_saves() -> None:
-    from cluster.config import load_config
+    from cluster.core.config import load_config
 
     cfg = load_config("edge-rtx5080-ndp4", "qwen3-30b-a3b", None, [])
     n = RR.odmoe_numbers(cfg)

@@ -11,19 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import policies
-from cluster.analytic import run_policy
-from cluster.config import load_config
-from cluster.errors import RoutingError
-from cluster.metrics import summarize
-from cluster.routing import (
-    Routing,
-    build_routing,
-    group_by_expert,
-    import_vllm_routed_experts,
-    load_trace,
-    synthetic,
-)
-from cluster.spec import ModelSpec, WorkloadSpec
+from cluster.core.config import load_config
+from cluster.core.errors import RoutingError
+from cluster.core.metrics import summarize
+from cluster.core.routing import build_routing, import_vllm_routed_experts, load_trace, synthetic
+from cluster.core.selection import Routing, group_by_expert
+from cluster.core.spec import ModelSpec, WorkloadSpec
+from cluster.engines.analytic import run_policy
 
 FLAME = ["model.num_layers=8", "model.num_experts=64", "model.top_k=6"]
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster import routing_stats as rs
 from cluster.cli import main
-from cluster.config import load_config
-from cluster.errors import RoutingError
-from cluster.routing import build_routing, synthetic
-from cluster.spec import ROUTING_PRESETS, ModelSpec, WorkloadSpec
+from cluster.core import routing_stats as rs
+from cluster.core.config import load_config
+from cluster.core.errors import RoutingError
+from cluster.core.routing import build_routing, synthetic
+from cluster.core.spec import ROUTING_PRESETS, ModelSpec, WorkloadSpec
 
 # The table, per layer averaged: (low, high) of the measured range.
 QWEN15 = {"prefill_top10": (0.13, 0.16), "prefill_top25": (0.29, 0.33),

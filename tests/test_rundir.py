@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster import report, runner
 from cluster.cli import main
-from cluster.emulate import machine_memory_bytes
+from cluster.engines.emulate import machine_memory_bytes
+from cluster.studies import report, runner
 
 ANALYTIC = ["run", "--engine", "analytic", "--model", "olmoe-1b-7b", "--quiet", "--no-plots",
             "--set", "workload.prompt_tokens=4", "--set", "workload.output_tokens=4",
@@ -137,7 +137,7 @@ def test_an_interrupted_run_exits_130_with_partial_results(tmp_path, monkeypatch
 
 
 def test_a_killed_run_leaves_no_directory_that_looks_finished(tmp_path):
-    from cluster.rundir import Staging
+    from cluster.studies.rundir import Staging
 
     stage = Staging.create(tmp_path / "out", "analytic")
     (stage.path / "summary.json").write_text("{}")
@@ -192,9 +192,9 @@ def test_a_memory_budget_above_the_machine_is_refused_before_ray(tmp_path, capsy
 
 
 def test_the_estimate_is_not_refused_for_the_default_run(tmp_path):
-    from cluster import preflight
-    from cluster.config import load_config
-    from cluster.routing import build_routing
+    from cluster.core.config import load_config
+    from cluster.core.routing import build_routing
+    from cluster.engines import preflight
 
     cfg = load_config(overrides=["workload.prompt_tokens=16", "workload.output_tokens=8"])
     names = ["ep", "monde", "tp", "tp-lb", "paper"]

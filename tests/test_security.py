@@ -27,9 +27,9 @@ from actors import transport
 from actors.clock import wall_now
 from actors.transport import CurveKeys, ZmqDealer, ZmqRouter, recv_or_fail, require_curve
 from actors.wire import decode, encode
-from cluster.config import load_config
-from cluster.errors import ConfigError, EmulationError
-from cluster.spec import EmulateSpec
+from cluster.core.config import load_config
+from cluster.core.errors import ConfigError, EmulationError
+from cluster.core.spec import EmulateSpec
 
 T = 5.0  # deadline for messages that should arrive
 QUIET = 1.0  # how long "nothing arrives" is watched
@@ -349,7 +349,7 @@ def test_keys_are_checked_and_never_shown() -> None:
 def test_missing_curve_support_is_a_clear_error_before_ray_starts(monkeypatch) -> None:
     import ray
 
-    from cluster import launch
+    from cluster.engines import launch
 
     monkeypatch.setattr(zmq, "has", lambda what: what != "curve")
     with pytest.raises(EmulationError, match=r"zmq.has\('curve'\) is False"):
@@ -406,10 +406,10 @@ def test_the_listener_reader_tells_addresses_apart() -> None:
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp")
 @needs_curve
 def test_a_local_curve_run_listens_on_loopback_only_and_computes_the_reference(ray_local) -> None:
-    from cluster import launch
-    from cluster.emulate import choose_scale, unit_layouts
-    from cluster.reference import reference_forward
-    from cluster.routing import build_routing
+    from cluster.core.reference import reference_forward
+    from cluster.core.routing import build_routing
+    from cluster.engines import launch
+    from cluster.engines.emulate import choose_scale, unit_layouts
 
     cfg = load_config(model="olmoe-1b-7b", overrides=[
         "workload.prompt_tokens=6", "workload.output_tokens=3",
@@ -504,7 +504,8 @@ def test_a_run_under_attack_finishes_with_the_reference_outputs_and_counts_refus
     refused."""
     import json
 
-    from cluster import launch, runner
+    from cluster.engines import launch
+    from cluster.studies import runner
 
     attack = _Attack()
     real_start = launch.start

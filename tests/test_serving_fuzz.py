@@ -28,8 +28,8 @@ from actors.devices import DeviceServer, NdpUnit
 from actors.link import LINK_PEER, LinkServer
 from actors.scheduler import GPU_PEER, Dispatcher, unit_peer
 from actors.transport import InprocEndpoint, InprocHub
-from cluster.config import load_config
-from cluster.errors import EmulationError, ProtocolError
+from cluster.core.config import load_config
+from cluster.core.errors import EmulationError, ProtocolError
 
 SCALE = 1 / 16
 T = 5.0

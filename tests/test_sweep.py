@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from cluster.errors import ConfigError
-from cluster.sweep import (
+from cluster.core.errors import ConfigError
+from cluster.studies.sweep import (
     STRESS_AXES,
     STRESS_BASE,
     STRESS_POLICIES,

@@ -18,7 +18,7 @@ from actors.transport import (
     recv_or_fail,
 )
 from actors.wire import decode, encode
-from cluster.errors import EmulationError
+from cluster.core.errors import EmulationError
 
 T = 5.0  # generous deadline for messages that should arrive
 

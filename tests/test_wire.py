@@ -24,7 +24,7 @@ from actors.wire import (
     register_message,
     restamp,
 )
-from cluster.errors import ProtocolError
+from cluster.core.errors import ProtocolError
 
 REQUIRED = {
     "hello": {"peer": "ndp0"},

@@ -9,7 +9,7 @@ number. A change of the analytic engine's *semantics* changes them on purpose; t
 this script and say in the commit message why the numbers moved (see README.md).
 
 A case is one configuration and a list of policies. Its golden document holds, per policy,
-the ``summary.json`` fields (:func:`cluster.metrics.summarize` plus the speedup over
+the ``summary.json`` fields (:func:`cluster.core.metrics.summarize` plus the speedup over
 ``monde``) and a digest of the step records that the summary does not show (lower bounds,
 step start times, trace intervals).
 """
@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cluster.analytic import run_policy  # noqa: E402
-from cluster.config import load_config  # noqa: E402
-from cluster.metrics import PolicyRecords, summarize  # noqa: E402
-from cluster.report import add_speedups  # noqa: E402
-from cluster.routing import build_routing  # noqa: E402
+from cluster.core.config import load_config  # noqa: E402
+from cluster.core.metrics import PolicyRecords, summarize  # noqa: E402
+from cluster.core.routing import build_routing  # noqa: E402
+from cluster.engines.analytic import run_policy  # noqa: E402
+from cluster.studies.report import add_speedups  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REL_TOL = 1e-12
@@ -136,7 +136,7 @@ def differences(want: Any, got: Any, where: str = "") -> list[str]:
 
 def _normalise(doc: dict[str, Any]) -> dict[str, Any]:
     """The document as it reads back from JSON (tuples become lists, numpy numbers plain)."""
-    from cluster.report import _json_default
+    from cluster.studies.report import _json_default
 
     return json.loads(json.dumps(doc, default=_json_default))
 

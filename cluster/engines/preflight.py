@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cluster.errors import ConfigError
-from cluster.routing import Routing
-from cluster.spec import Config
+from cluster.core.errors import ConfigError
+from cluster.core.selection import Routing
+from cluster.core.spec import Config
 
 ASSUMED_DILATION = 50.0
 STARTUP_S = 5.0  # ray.init ~3.5 s + actors and weights (README, "cluster start-up")
@@ -73,7 +73,7 @@ def _fmt_s(s: float) -> str:
 
 def available_memory_bytes() -> int:
     """MemAvailable of /proc/meminfo, else the machine's physical memory."""
-    from cluster.emulate import machine_memory_bytes
+    from cluster.engines.emulate import machine_memory_bytes
 
     try:
         with open("/proc/meminfo") as f:
@@ -87,9 +87,9 @@ def available_memory_bytes() -> int:
 
 def estimate(cfg: Config, routing: Routing, names: Sequence[str]) -> Estimate:
     """Wall time and memory of emulating ``names`` (raises ConfigError for an impossible scale)."""
-    from actors import kernels as K
-    from cluster.analytic import run_policy
-    from cluster.emulate import choose_scale, machine_memory_bytes
+    from cluster.core import kernels as K
+    from cluster.engines.analytic import run_policy
+    from cluster.engines.emulate import choose_scale, machine_memory_bytes
 
     m, n = cfg.model, cfg.ndp.num_ndp_units
     analytic = {}

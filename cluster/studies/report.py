@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from cluster.metrics import PolicyRecords, write_steps_csv, write_tokens_csv
-from cluster.spec import Config
+from cluster.core.metrics import PolicyRecords, write_steps_csv, write_tokens_csv
+from cluster.core.spec import Config
 
 
 def new_run_dir(base: str | Path = "runs", engine: str = "analytic") -> Path:

@@ -1,8 +1,8 @@
 """The single-process numpy reference forward pass, and the ``gate`` routing source.
 
 The emulator runs a stand-in of the configured model: the real layer structure, every width
-scaled by ``scale`` (:func:`actors.kernels.scaled_dims`) and deterministic weights from the
-workload seed (:mod:`actors.kernels`). For ``N = B * S`` positions (token ``b * S + s``)::
+scaled by ``scale`` (:func:`cluster.core.kernels.scaled_dims`) and deterministic weights from the
+workload seed (:mod:`cluster.core.kernels`). For ``N = B * S`` positions (token ``b * S + s``)::
 
     x = token_embeddings(seed, B, S, d)                                    # [N, d]
     for each leading dense layer i:                                        # GPU
@@ -18,7 +18,7 @@ independent: the reference runs all positions at once, the emulator runs the pre
 then one decode step at a time, and both must agree to fp32 tolerance for every policy.
 The GPU actor calls :func:`dense_layers`, :func:`moe_layer_input` and :func:`shared_output`
 with the :class:`GpuWeights` it holds; every routed-expert partial, on either side, comes
-from :func:`actors.kernels.partial_for_tasks`.
+from :func:`cluster.core.kernels.partial_for_tasks`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from actors import kernels as K
-from cluster.errors import RoutingError
-from cluster.routing import Routing, popularity
-from cluster.spec import Config, ModelSpec
+from cluster.core import kernels as K
+from cluster.core.errors import RoutingError
+from cluster.core.selection import Routing, popularity
+from cluster.core.spec import Config, ModelSpec
 
 GATE_D_MODEL = 64  # real width of the small forward pass that the gate routing runs
 
@@ -151,7 +151,7 @@ def _check_routing(cfg: Config, routing: Routing) -> None:
 def reference_forward(cfg: Config, routing: Routing, scale: float) -> np.ndarray:
     """Final hidden states ``[B, S, d_model_s]`` of every position under ``routing``.
 
-    ``scale`` in (0, 1] as in :func:`actors.kernels.scaled_dims`; weights from
+    ``scale`` in (0, 1] as in :func:`cluster.core.kernels.scaled_dims`; weights from
     ``cfg.workload.seed``; ``routing`` must match the config's batch, positions, layers, k.
     """
     _check_routing(cfg, routing)
@@ -171,8 +171,8 @@ def gate_routing(cfg: Config, rng: np.random.Generator) -> Routing:
     The forward pass is this module's, at ``d_model_s = 64``, with weights from
     ``cfg.workload.seed``. At each MoE layer the logits are ``xn @ W_router[l] + bias[l]``
     with ``bias[l] = gate_bias * log(popularity[l])`` (the per-layer Zipf popularity of
-    :func:`cluster.routing.popularity` with the workload's ``alpha`` and seed as domain), the
-    top-k of them are taken (:func:`actors.kernels.route`) and the forward goes on with those
+    :func:`cluster.core.selection.popularity` with the workload's ``alpha`` and seed as domain), the
+    top-k of them are taken (:func:`cluster.core.kernels.route`) and the forward goes on with those
     choices. ``rng`` draws the inputs (the prompt), as the token draws of ``synthetic`` do:
     one seed fixes which experts are hot, ``rng`` samples tokens.
     """

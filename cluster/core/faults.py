@@ -29,12 +29,8 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from cluster.errors import ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from cluster.spec import Config
+from cluster.core.errors import ConfigError
 
 GRAMMAR = ("';'-separated faults: kill:ndpK@stepS (unit K dies at decode step S), slow:ndpKxF "
            "(unit K computes F >= 1 times slower), delay:link+Nus (link latency + N us), drop:P "
@@ -135,12 +131,12 @@ def parse_inject(text: str) -> Faults:
     return Faults(tuple(kills), tuple(sorted(slow.items())), delay or 0.0, drop or 0.0)
 
 
-def check_against(cfg: Config) -> None:
-    """Checks that span sections: units exist, kill steps happen in the run."""
-    faults = parse_inject(cfg.emulate.inject)
-    n = cfg.ndp.num_ndp_units
-    decode_steps = cfg.workload.output_tokens - 1
-    text = cfg.emulate.inject
+def check_against(text: str, num_units: int, output_tokens: int) -> None:
+    """Checks that span sections: the units ``text`` names exist (``ndp.num_ndp_units``) and
+    its kill steps happen in the run (``workload.output_tokens``)."""
+    faults = parse_inject(text)
+    n = num_units
+    decode_steps = output_tokens - 1
     for u in [k.unit for k in faults.kills] + [u for u, _ in faults.slow]:
         if u >= n:
             raise _bad(text, f"there is no unit ndp{u}: the system has ndp0..ndp{n - 1} "
@@ -149,7 +145,7 @@ def check_against(cfg: Config) -> None:
         if k.step > decode_steps:
             raise _bad(text, f"kill:ndp{k.unit}@step{k.step} would never fire: the run has decode "
                              f"steps 1..{decode_steps} (workload.output_tokens = "
-                             f"{cfg.workload.output_tokens})")
+                             f"{output_tokens})")
 
 
 def inject_overrides(specs: list[str]) -> list[str]:

@@ -10,7 +10,7 @@ records it had, the CSVs and the trace (no plots); then the error is raised agai
 the directory, so the command line exits non-zero with one paragraph. Any other failure or
 an interrupt (Ctrl-C, SIGTERM) during the run also leaves a ``summary.json`` saying
 ``"status": "failed"`` with the error. Results are written to a staging directory that
-:mod:`cluster.rundir` moves into place when the run ends, so a run directory never mixes two
+:mod:`cluster.studies.rundir` moves into place when the run ends, so a run directory never mixes two
 runs.
 """
 
@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import policies
-from cluster import fanout, report, rundir
-from cluster.metrics import PolicyRecords, summarize
-from cluster.routing import Routing, build_routing
-from cluster.spec import Config
+from cluster.core.metrics import PolicyRecords, summarize
+from cluster.core.routing import build_routing
+from cluster.core.selection import Routing
+from cluster.core.spec import Config
+from cluster.engines import fanout
+from cluster.studies import report, rundir
 
 DEFAULT_POLICIES = ("ep", "monde", "tp", "tp-lb", "paper")
 
@@ -60,7 +62,7 @@ def run(cfg: Config, policy_names: Sequence[str], engine: str = "analytic",
 
     Every input is checked before the run directory exists: policy names, the engine, the
     routing (``routing``, when the caller built it already, else built here) and ``out``
-    (:mod:`cluster.rundir`). Results go to a staging directory moved into place at the end;
+    (:mod:`cluster.studies.rundir`). Results go to a staging directory moved into place at the end;
     a run that fails or is interrupted still gets its ``summary.json``, with
     ``"status": "failed"`` and the error.
     """
@@ -68,7 +70,7 @@ def run(cfg: Config, policy_names: Sequence[str], engine: str = "analytic",
     for n in names:
         policies.resolve(n)  # fail on a bad name before any work
     if engine not in ("analytic", "emulate"):
-        from cluster.errors import ConfigError
+        from cluster.core.errors import ConfigError
 
         raise ConfigError(f"--engine {engine!r} is not allowed: must be analytic or emulate")
     routing = routing if routing is not None else build_routing(cfg)
@@ -84,7 +86,7 @@ def run(cfg: Config, policy_names: Sequence[str], engine: str = "analytic",
         if isinstance(exc, _Partial):
             if exc.failure.interrupted:
                 raise KeyboardInterrupt from None
-            from cluster.errors import EmulationError
+            from cluster.core.errors import EmulationError
 
             raise EmulationError(f"{exc.failure}; partial results in "
                                  f"{run_dir / 'summary.json'}") from exc.failure
@@ -103,7 +105,7 @@ class _Partial(Exception):
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted by the user (Ctrl-C or SIGTERM)"
-    from cluster.errors import NdpmoeError
+    from cluster.core.errors import NdpmoeError
 
     if isinstance(exc, NdpmoeError):  # already one paragraph for the user
         return str(exc)
@@ -115,7 +117,7 @@ def _run_into(run_dir: Path, cfg: Config, routing: Routing, names: list[str], en
               ) -> tuple[dict[str, dict[str, Any]], list[PolicyRecords]]:
     failure = None
     if engine == "emulate":
-        from cluster.emulate import PartialRunError, run_emulation  # imports Ray
+        from cluster.engines.emulate import PartialRunError, run_emulation  # imports Ray
 
         try:
             summaries, records, extra = run_emulation(cfg, routing, names, run_dir, console=console,
@@ -134,7 +136,7 @@ def _run_into(run_dir: Path, cfg: Config, routing: Routing, names: list[str], en
         try:
             with _progress(console, progress) as bar:
                 tasks = {n: bar.add_task(n, total=steps) for n in names}
-                # policies side by side on the cores (cluster.fanout), finished ones kept
+                # policies side by side on the cores (cluster.engines.fanout), finished ones kept
                 fanout.run_policies(cfg, routing, names, done,
                                     lambda n, k: bar.advance(tasks[n], k))
             records.sort(key=lambda r: names.index(r.policy))

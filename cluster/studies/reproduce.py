@@ -13,11 +13,11 @@ Studies (PAPER.md, issue 4), each a list of *cases* ``(row labels, config, polic
 5. ``sensitivity``: paper-over-monde speedup of the focus model under changed assumptions;
 6. ``beyond``: ``paper`` against its extensions (fractional split, ``paper-refresh``) when
    they exist;
-7. ``routing_headline`` and ``odmoe_link`` (:mod:`cluster.reproduce_routing`): the headline
+7. ``routing_headline`` and ``odmoe_link`` (:mod:`cluster.studies.reproduce_routing`): the headline
    on real-like routing beside the stationary one, ``paper-drift`` against ``paper`` and the
    oracle, and the link bandwidth at which ``od-moe`` pays.
 
-Cases are grouped by their resolved :class:`~cluster.spec.Config` (equal configs run once:
+Cases are grouped by their resolved :class:`~cluster.core.spec.Config` (equal configs run once:
 the ablation reuses the headline, the budget sweep's 1.0 the default) into *jobs* of one
 config and several policies. A job builds its routing once and returns one summary per
 policy; jobs run in spawned worker processes, or as Ray tasks when Ray is already
@@ -40,10 +40,11 @@ from typing import Any
 import numpy as np
 
 import policies
-from cluster import presets, reproduce_routing
-from cluster.config import load_config
-from cluster.errors import NdpmoeError
-from cluster.spec import LB_SPLITS, Config
+from cluster.core import presets
+from cluster.core.config import load_config
+from cluster.core.errors import NdpmoeError
+from cluster.core.spec import LB_SPLITS, Config
+from cluster.studies import reproduce_routing
 
 PAPER_AVG_SPEEDUP = 2.41
 PAPER_MAX_SPEEDUP = 2.56
@@ -342,9 +343,9 @@ def run_job(job: Job) -> dict[str, dict[str, Any]]:
     run once: the engine is deterministic, the second gets a copy of the first's summary.
     """
     import policies
-    from cluster.analytic import run_policy
-    from cluster.metrics import summarize
-    from cluster.routing import kept_routing
+    from cluster.core.metrics import summarize
+    from cluster.core.routing import kept_routing
+    from cluster.engines.analytic import run_policy
 
     routing = kept_routing(job.cfg)  # the full run's 102 jobs share 17 routings
     out: dict[str, dict[str, Any]] = {}
@@ -395,7 +396,7 @@ def execute(jobs: Sequence[Job], workers: int, on_done: Callable[[Job], None] = 
                 results[j.cfg] = ray.get(ref)
                 on_done(j)
         return results
-    from cluster import fanout  # daemonic spawn workers that an interrupt ends at once
+    from cluster.engines import fanout  # daemonic spawn workers that an interrupt ends at once
 
     def done(i: int, summaries: dict[str, dict[str, Any]]) -> None:
         results[jobs[i].cfg] = summaries
@@ -542,7 +543,7 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]
 
 def spot_check(opts: Options, run_dir: Path, console=None) -> dict[str, Any]:
     """The emulate engine on a short qwen3 workload: its paper-over-monde speedup vs analytic."""
-    from cluster.runner import run
+    from cluster.studies.runner import run
 
     sc = SPOT_CHECK
     cfg = load_config(system_name(sc["units"]), sc["model"], None,
@@ -589,13 +590,13 @@ class Outcome:
 def reproduce(opts: Options, out: str | Path | None = None, console=None, progress: bool = True,
               command: str = "ndpmoe reproduce") -> Outcome:
     """Runs every study, writes CSVs, figures, ``results.json`` and ``report.md``."""
-    from cluster import reproduce_report as rr
-    from cluster.report import new_run_dir
-    from cluster.runner import _progress
+    from cluster.studies import reproduce_report as rr
+    from cluster.studies.report import new_run_dir
+    from cluster.studies.runner import _progress
 
     for m in (*opts.models, *opts.contrast_models):
         if m not in presets.MODELS:
-            from cluster.errors import ConfigError
+            from cluster.core.errors import ConfigError
 
             raise ConfigError(f"--models {m!r} is not a model preset: presets are "
                               f"{', '.join(presets.MODELS)}")

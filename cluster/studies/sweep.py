@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.errors import ConfigError
+from cluster.core.errors import ConfigError
 
 STRESS_AXES: dict[str, list[Any]] = {
     "ndp.num_ndp_units": [4, 8, 16, 32, 64],
@@ -67,7 +67,7 @@ class Grid:
 
 def parse_axis(text: str) -> tuple[str, list[Any]]:
     """``"ndp.num_ndp_units=2,4,8"`` -> ``("ndp.num_ndp_units", [2, 4, 8])``."""
-    from cluster.config import parse_override
+    from cluster.core.config import parse_override
 
     if "=" not in text:
         raise ConfigError(f"--axis {text!r} is not allowed: must look like section.field=v1,v2,...")
@@ -80,7 +80,7 @@ def parse_axis(text: str) -> tuple[str, list[Any]]:
 
 def read_grid_file(path: str | Path) -> tuple[dict[str, list[Any]], list[str] | None, list[str]]:
     """A TOML grid: ``[grid]`` key = [values...]; optional ``policies = [...]``, ``set = [...]``."""
-    from cluster.config import read_toml
+    from cluster.core.config import read_toml
 
     data = read_toml(path)
     grid = data.get("grid")
@@ -102,11 +102,11 @@ def _overrides(point: dict[str, Any]) -> list[str]:
 def run_config(system: str | None, model: str | None, base: list[str], point: dict[str, Any],
                names: list[str]) -> list[dict[str, Any]]:
     """Runs every policy on one configuration; returns one row per (configuration, policy)."""
-    from cluster.analytic import run_policy
-    from cluster.config import load_config
-    from cluster.metrics import summarize
-    from cluster.report import add_speedups
-    from cluster.routing import kept_routing
+    from cluster.core.config import load_config
+    from cluster.core.metrics import summarize
+    from cluster.core.routing import kept_routing
+    from cluster.engines.analytic import run_policy
+    from cluster.studies.report import add_speedups
 
     t0 = time.perf_counter()
     try:
@@ -136,7 +136,7 @@ def run_sweep(grid: Grid, system: str | None = None, model: str | None = None,
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cluster.config import load_config
+    from cluster.core.config import load_config
 
     load_config(system, model, None, grid.base)  # a bad base fails before any work
     for name in grid.policies:
@@ -349,8 +349,8 @@ def emulate_points(rows: list[dict[str, Any]], grid: Grid, k: int, run_dir: Path
     run directory, on the cluster at ``address`` when the sweep ran there (else a local Ray);
     returns per (configuration, policy) the fidelity error.
     """
-    from cluster.config import load_config
-    from cluster.runner import run
+    from cluster.core.config import load_config
+    from cluster.studies.runner import run
 
     by_cfg: dict[tuple, float] = {}
     for r in rows:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.errors import ConfigError
+from cluster.core.errors import ConfigError
 
 RUN_MARKERS = ("summary.json", "config.json")
 

@@ -2,7 +2,7 @@
 
 What decides whether prefill statistics predict decode routing, per layer and sequence,
 averaged (the statistics measured on real Qwen1.5-MoE and Qwen3.6 captures,
-:data:`cluster.spec.ROUTING_PRESETS`):
+:data:`cluster.core.spec.ROUTING_PRESETS`):
 
 - ``prefill_top10/25/50``: share of the decode's activations that fall on the prefill's 10% /
   25% / 50% most used experts (ties at the cut count fractionally: the expectation over a
@@ -19,7 +19,7 @@ averaged (the statistics measured on real Qwen1.5-MoE and Qwen3.6 captures,
   the prompt too). A prefill of one token gives NaN there, left out of the fit.
 
 The decode is the first ``window`` (128) positions after the prompt. :func:`fit` searches the
-generator's ``alpha``, ``reuse``, ``drift`` and ``drift_jump`` (:mod:`cluster.routing`) so
+generator's ``alpha``, ``reuse``, ``drift`` and ``drift_jump`` (:mod:`cluster.core.routing`) so
 that a synthetic trace of the same shape has the target's statistics: a coarse grid, then
 Nelder-Mead, on common random numbers (one seed for every candidate, so the objective is a
 deterministic function of the parameters). ``drift_share`` is given, not fitted: how much of
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.errors import RoutingError
+from cluster.core.errors import RoutingError
 
 STATS = ("prefill_top10", "prefill_top25", "prefill_top50", "decode_top10", "coverage", "reuse",
          "halves25", "late25", "prefill_halves25")
@@ -149,7 +149,7 @@ def measure(ids: np.ndarray, prompt_tokens: int, num_experts: int,
 def read_ids(path: str | Path, num_experts: int | None = None) -> tuple[np.ndarray, int]:
     """``topk_ids`` of an npz trace as ``[sequences, positions, layers, k]`` (a 3-d trace is one
     sequence) and its expert count (``num_experts``, or the largest id + 1), checked."""
-    from cluster.routing import read_topk_ids
+    from cluster.core.routing import read_topk_ids
 
     p = Path(path)
     _data, ids = read_topk_ids(p)
@@ -194,8 +194,8 @@ DEFAULT_SHARE = 1.0
 def simulate(shape: Shape, params: dict[str, float], seed: int = 0) -> np.ndarray:
     """A synthetic trace ``[B, P + W, L, k]`` of ``shape`` with generator ``params``
     (:data:`PARAMS`, and ``drift_share``: :data:`DEFAULT_SHARE` if absent)."""
-    from cluster.routing import synthetic
-    from cluster.spec import ModelSpec, WorkloadSpec
+    from cluster.core.routing import synthetic
+    from cluster.core.spec import ModelSpec, WorkloadSpec
 
     model = ModelSpec(name="fit", num_layers=shape.num_layers, num_experts=shape.num_experts,
                       top_k=shape.top_k)

@@ -44,9 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from cluster.errors import EmulationError, NdpmoeError
-from cluster.routing import Routing
-from cluster.spec import Config
+from cluster.core.errors import EmulationError, NdpmoeError
+from cluster.core.selection import Routing
+from cluster.core.spec import Config
 
 
 def _one_blas_thread() -> Any:
@@ -112,7 +112,7 @@ class _DeviceActor:
         from actors.devices import DeviceServer, GpuDevice, NdpUnit
         from actors.link import LINK_PEER
         from actors.transport import Mux, ZmqDealer
-        from cluster.faults import parse_inject
+        from cluster.core.faults import parse_inject
 
         self._blas = _one_blas_thread()
         self.kind, self.unit = kind, unit

@@ -1,7 +1,7 @@
 """The emulation engine: policies run on the Ray + zmq cluster with real matmuls; measured.
 
 Flow of :func:`run_emulation`: choose the weight scale (fits the machine unless set), start
-the cluster (:mod:`cluster.launch`: scheduler, GPU, NDP units, host link), have every unit
+the cluster (:mod:`cluster.engines.launch`: scheduler, GPU, NDP units, host link), have every unit
 generate its weight slices, measure each actor's clock offset and the hop floor, calibrate
 the dilation D (unless ``emulate.dilation`` is set), run every policy at D and compare what
 was measured with what the analytic engine predicts.
@@ -52,13 +52,13 @@ from typing import Any
 
 import numpy as np
 
-from cluster.analytic import run_policy
-from cluster.cost import CostModel
-from cluster.errors import ConfigError, EmulationError
-from cluster.faults import parse_inject
-from cluster.metrics import PolicyRecords, summarize
-from cluster.routing import Routing
-from cluster.spec import Config
+from cluster.core.cost import CostModel
+from cluster.core.errors import ConfigError, EmulationError
+from cluster.core.faults import parse_inject
+from cluster.core.metrics import PolicyRecords, summarize
+from cluster.core.selection import Routing
+from cluster.core.spec import Config
+from cluster.engines.analytic import run_policy
 
 DEFAULT_WEIGHT_BUDGET_BYTES = 1 << 30  # real expert weights across all units, both layouts
 CALIBRATION_DECODE_STEPS = 2
@@ -80,7 +80,7 @@ def choose_scale(cfg: Config) -> float:
     policies, whole experts), so the budget covers twice the routed weights. An explicit
     scale that would not fit in half the machine's memory is refused with the numbers.
     """
-    from actors import kernels as K
+    from cluster.core import kernels as K
 
     m, n = cfg.model, cfg.ndp.num_ndp_units
     if cfg.weights.scale > 0:
@@ -133,8 +133,8 @@ def choose_dilation(ratios: list[float], hop_path_s: float = 0.0, link_latency_s
 def records_from_run(cfg: Config, name: str, stats: Any, meta: dict[str, Any],
                      trace_steps: range = range(1, 3)) -> PolicyRecords:
     """A policy's records from what the devices and the link measured (wall -> emulated)."""
-    from cluster.cost import CostModel
-    from cluster.metrics import StepRecord, TokenRecord
+    from cluster.core.cost import CostModel
+    from cluster.core.metrics import StepRecord, TokenRecord
     from policies import lower_bound_s
     from policies.plan import Interval
     from policies.registry import resolve
@@ -189,7 +189,7 @@ def records_from_run(cfg: Config, name: str, stats: Any, meta: dict[str, Any],
 def calibrate(cluster: Any, cfg: Config, routing: Routing, names: list[str]) -> dict[str, Any]:
     """Clock offsets, the hop floor and the compute ratio, from short runs at D = 1 (see the
     module docstring); returns the dilation bounds, the floor and the ratios."""
-    from cluster import launch
+    from cluster.engines import launch
 
     residual = launch.get(cluster.scheduler.sync_clocks.remote())
     one_way = [r / 2 for r in launch.get(cluster.scheduler.hop_samples.remote())]
@@ -327,8 +327,8 @@ def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path
     import ray
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cluster import launch
-    from cluster.reference import reference_forward
+    from cluster.core.reference import reference_forward
+    from cluster.engines import launch
 
     scale = choose_scale(cfg)
     say = console.print if console is not None else (lambda *a, **k: None)
@@ -416,7 +416,7 @@ def _partial(cluster, cfg: Config, current: str, names: list[str], exc: Emulatio
              extra: dict[str, Any]) -> PartialRunError:
     """What a failed run leaves: finished policies, the failing one from the scheduler's
     records of it (when the scheduler still answers), and the error."""
-    from cluster import launch
+    from cluster.engines import launch
 
     rec = stats = where = None
     if current in names:  # failed in a timed run, not at startup or calibration

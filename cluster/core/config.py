@@ -1,4 +1,4 @@
-"""Loading a :class:`~cluster.spec.Config`: presets, TOML files, HF ``config.json``, overrides.
+"""Loading a :class:`~cluster.core.spec.Config`: presets, TOML files, HF ``config.json``, overrides.
 
 Order of precedence, lowest first: built-in defaults, the system preset or TOML file
 (``--system``), the model preset (``--model``) or Hugging Face config (``--model-config``),
@@ -17,9 +17,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from cluster import presets
-from cluster.errors import ConfigError
-from cluster.spec import SECTIONS, Config, unit_of
+from cluster.core import presets
+from cluster.core.errors import ConfigError
+from cluster.core.spec import SECTIONS, Config, unit_of
 
 if sys.version_info >= (3, 11):
     import tomllib

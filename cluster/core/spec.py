@@ -1,7 +1,7 @@
 """Frozen specs of the emulated system, the model, the workload and the policies.
 
 Every number of a run is a field here, with its unit in its name. Specs are plain frozen
-dataclasses: constructing one validates its own ranges (no I/O); :func:`cluster.config.load_config`
+dataclasses: constructing one validates its own ranges (no I/O); :func:`cluster.core.config.load_config`
 builds them from presets, TOML files, Hugging Face ``config.json`` files and ``--set`` overrides
 and checks what spans sections (top-k against experts, experts against NDP capacity).
 
@@ -16,7 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from cluster.errors import ConfigError
+from cluster.core.errors import ConfigError
+from cluster.core.faults import check_against, parse_inject
 
 BYTES_PER_PARAM = 2  # fp16 weights in the cost model
 BYTES_PER_ACT = 2  # fp16 activations on the wire and in memory
@@ -265,7 +266,7 @@ class WorkloadSpec:
     experts, and with probability ``reuse`` a token re-picks an expert of the
     previous token at the same layer. ``gate``: a real router matmul on the hidden states of
     the reference forward pass, with a per-expert popularity bias of strength ``gate_bias``.
-    ``trace``: the npz file ``trace_path`` (see :mod:`cluster.routing`).
+    ``trace``: the npz file ``trace_path`` (see :mod:`cluster.core.routing`).
 
     Drift (``synthetic``): which experts are popular moves over the tokens. A share
     ``drift_share`` of each layer's latent popularity score is the sequence's own and follows
@@ -425,7 +426,7 @@ class EmulateSpec:
     scheduler waits on that stays silent for ``heartbeat_timeout_s`` is declared dead.
     ``recover``: a dead NDP unit is restarted by Ray, rejoins and the interrupted step is
     re-dispatched (a dead GPU stays fatal: it holds the hidden state). ``inject``: faults to
-    inject, ``;``-separated (grammar in :mod:`cluster.faults`).
+    inject, ``;``-separated (grammar in :mod:`cluster.core.faults`).
 
     ``curve`` (default true): authenticate and encrypt the zmq data plane with CURVE. The
     scheduler and the link make server keypairs and each device a client keypair, the keys
@@ -440,7 +441,7 @@ class EmulateSpec:
     engines: does a policy's own decision time fit inside a decode step?
 
     ``max_wall_s``: the longest wall-clock time a run may be estimated to take (analytic
-    latency x D x policies, :mod:`cluster.preflight`); the command line refuses a longer
+    latency x D x policies, :mod:`cluster.engines.preflight`); the command line refuses a longer
     run before the cluster starts, naming this field as the override.
     """
 
@@ -457,8 +458,6 @@ class EmulateSpec:
     max_wall_s: float = 900.0
 
     def __post_init__(self) -> None:
-        from cluster.faults import parse_inject
-
         _non_negative(self.SECTION, self, "dilation")
         _positive(self.SECTION, self, "target_fidelity", "recv_timeout_s")
         _check(self.SECTION, "placement_strategy", self.placement_strategy,
@@ -534,9 +533,7 @@ def _gb(nbytes: float) -> str:
 def check_fits(cfg: Config) -> None:
     """Checks across sections: the model must fit its memories, with the numbers if not;
     injected faults name units and steps that exist."""
-    from cluster.faults import check_against
-
-    check_against(cfg)
+    check_against(cfg.emulate.inject, cfg.ndp.num_ndp_units, cfg.workload.output_tokens)
     m, n = cfg.model, cfg.ndp
     per_unit_experts = math.ceil(m.num_experts / n.num_ndp_units)
     per_unit = m.num_layers * per_unit_experts * m.expert_bytes

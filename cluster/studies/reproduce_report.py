@@ -1,6 +1,6 @@
 """Figures and ``report.md`` of ``ndpmoe reproduce``, made from the finished study tables.
 
-Everything here reads the rows :mod:`cluster.reproduce` tabulated; nothing runs a policy.
+Everything here reads the rows :mod:`cluster.studies.reproduce` tabulated; nothing runs a policy.
 The prose of the report is generated from the numbers: every claim that could go either way
 (an optimum exists or not, a trend rises or falls) is decided from the rows, not assumed.
 """
@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import policies
-from cluster import presets, reproduce_routing
-from cluster import reproduce as R
-from cluster.spec import Config, ModelSpec
+from cluster.core import presets
+from cluster.core.spec import Config, ModelSpec
+from cluster.studies import reproduce as R
+from cluster.studies import reproduce_routing
 
 if TYPE_CHECKING:
-    from cluster.reproduce import Options, Outcome
+    from cluster.studies.reproduce import Options, Outcome
 
 COLORS = {"monde": "#7f7f7f", "ep": "#8c564b", "tp": "#1f77b4", "tp-lb": "#ff7f0e",
           "paper": "#2ca02c", R.ABLATION_OTHER_ORDER: "#9467bd"}
@@ -307,7 +308,7 @@ def assumptions(cfg: Config) -> list[str]:
         f"One host link (PCIe 5.0 x16): {link.bw_gbps:g} GB/s effective, {link.latency_us:g} us, "
         "shared by all units and by activations, partials, on-demand fetches and prefetches; "
         "prefetch has the lowest priority and only uses link time the steps leave idle.",
-        "fp16 weights; every duration is a roofline plus a fixed cost (cluster/cost.py), where "
+        "fp16 weights; every duration is a roofline plus a fixed cost (cluster/core/cost.py), where "
         "the paper used an AttAcc-style GPU model and Ramulator2 for the DIMMs.",
         "GPU expert cache = GPU memory left after the non-expert weights, the KV cache of the "
         "whole context and a one-layer on-demand fetch buffer, times policy.cache_fraction "

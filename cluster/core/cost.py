@@ -14,7 +14,7 @@ tokens, restricted to a fraction ``f`` of its ``d_ff`` columns (a tensor-paralle
 
 Bandwidths are in GB/s (1e9 bytes/s), compute in TFLOPS/GFLOPS (1e12/1e9 flop/s).
 
-Injected faults that change the model (``emulate.inject``, :mod:`cluster.faults`): a slowed
+Injected faults that change the model (``emulate.inject``, :mod:`cluster.core.faults`): a slowed
 NDP unit ``u`` takes ``unit_factor[u]`` times as long for all its work
 (:meth:`CostModel.ndp_unit_expert_s`), and a link delay adds to ``link_latency_s``.
 """
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.faults import parse_inject
-from cluster.spec import BYTES_PER_ACT, BYTES_PER_PARAM, Config
+from cluster.core.faults import parse_inject
+from cluster.core.spec import BYTES_PER_ACT, BYTES_PER_PARAM, Config
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,13 @@ class CostModel:
             raise ValueError(f"unit_factor has {len(self.unit_factor)} entries for "
                              f"{c.ndp.num_ndp_units} NDP units")
         s(self, "unit_speed_sum", sum(1.0 / f for f in self.unit_factor))
-        s(self, "gpu_flops", c.gpu.peak_tflops * 1e12)
-        s(self, "gpu_bw", c.gpu.mem_bw_gbps * 1e9)
+        s(self, "gpu_flops_per_s", c.gpu.peak_tflops * 1e12)
+        s(self, "gpu_bw_bytes_per_s", c.gpu.mem_bw_gbps * 1e9)
         s(self, "gpu_launch_s", c.gpu.launch_overhead_us * 1e-6)
-        s(self, "ndp_flops", c.ndp.peak_gflops * 1e9)
-        s(self, "ndp_bw", c.ndp.internal_bw_gbps * 1e9)
+        s(self, "ndp_flops_per_s", c.ndp.peak_gflops * 1e9)
+        s(self, "ndp_bw_bytes_per_s", c.ndp.internal_bw_gbps * 1e9)
         s(self, "ndp_launch_s", c.ndp.launch_overhead_us * 1e-6)
-        s(self, "link_bw", c.link.bw_gbps * 1e9)
+        s(self, "link_bw_bytes_per_s", c.link.bw_gbps * 1e9)
         s(self, "link_latency_s", (c.link.latency_us + faults.link_delay_us) * 1e-6)
         s(self, "expert_bytes", m.expert_bytes)
         s(self, "expert_flops_per_token", 2 * m.expert_params)
@@ -71,15 +71,15 @@ class CostModel:
     # --- primitives -------------------------------------------------------------------------
     def gpu_compute_s(self, flops: float, nbytes: float) -> float:
         """GPU kernel: launch + max(flops / peak, bytes / bandwidth)."""
-        return self.gpu_launch_s + max(flops / self.gpu_flops, nbytes / self.gpu_bw)
+        return self.gpu_launch_s + max(flops / self.gpu_flops_per_s, nbytes / self.gpu_bw_bytes_per_s)
 
     def ndp_compute_s(self, flops: float, nbytes: float) -> float:
         """NDP-unit kernel: launch + max(flops / peak, bytes / internal bandwidth)."""
-        return self.ndp_launch_s + max(flops / self.ndp_flops, nbytes / self.ndp_bw)
+        return self.ndp_launch_s + max(flops / self.ndp_flops_per_s, nbytes / self.ndp_bw_bytes_per_s)
 
     def transfer_s(self, nbytes: float) -> float:
         """One message over the host link: latency + bytes / bandwidth."""
-        return self.link_latency_s + nbytes / self.link_bw
+        return self.link_latency_s + nbytes / self.link_bw_bytes_per_s
 
     # --- experts ----------------------------------------------------------------------------
     def expert_work(self, n_tokens: int, frac: float = 1.0) -> tuple[float, float]:
@@ -101,7 +101,7 @@ class CostModel:
         s = self._roofline_memo.get(key)
         if s is None:
             flops, nbytes = self.expert_work(n_tokens, frac)
-            s = self._roofline_memo[key] = max(flops / self.gpu_flops, nbytes / self.gpu_bw)
+            s = self._roofline_memo[key] = max(flops / self.gpu_flops_per_s, nbytes / self.gpu_bw_bytes_per_s)
         return s
 
     def ndp_expert_s(self, n_tokens: int, frac: float = 1.0) -> float:

@@ -2,7 +2,7 @@
 
 Each policy's episode is independent of the others (same config, same routing), so
 :func:`run_policies` runs them in worker processes, one per core and at most one per
-policy, and hands each finished :class:`~cluster.metrics.PolicyRecords` to the caller as it
+policy, and hands each finished :class:`~cluster.core.metrics.PolicyRecords` to the caller as it
 arrives. Workers report progress (output tokens done) on the same queue as their results.
 With one worker everything runs in this process, in order. :func:`run_each` is the pool
 itself, for any module-level function over a list of items (``reproduce`` runs its jobs on
@@ -33,10 +33,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import policies
-from cluster.analytic import run_policy
-from cluster.metrics import PolicyRecords
-from cluster.routing import Routing
-from cluster.spec import Config
+from cluster.core.metrics import PolicyRecords
+from cluster.core.selection import Routing
+from cluster.core.spec import Config
+from cluster.engines.analytic import run_policy
 
 REPORT_EVERY_TOKENS = 16  # a worker's progress messages: one per this many output tokens
 POLL_S = 0.05  # how often the parent looks at its workers while no message comes

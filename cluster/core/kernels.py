@@ -1,7 +1,7 @@
 """The real numpy compute of the emulator: deterministic weights, SwiGLU, norm, router.
 
 Pure numpy (no Ray, no zmq, no I/O, no global state). The GPU and NDP-unit actors and the
-single-process reference (:mod:`cluster.reference`) call these same functions, so an emulated
+single-process reference (:mod:`cluster.core.reference`) call these same functions, so an emulated
 run does the reference's math whatever the schedule.
 
 Weights are never shipped: every actor generates the weights it needs from the run's seed.
@@ -27,8 +27,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from cluster.errors import ConfigError
-from cluster.spec import ModelSpec
+from cluster.core.errors import ConfigError
+from cluster.core.spec import ModelSpec
 
 ExpertWeights = tuple[np.ndarray, np.ndarray, np.ndarray]  # (w_gate[d, c], w_up[d, c], w_down[c, d])
 

@@ -1,7 +1,7 @@
 """``ndpmoe reproduce``'s routing studies (issue 14): the headline on real-like routing, the
 drift-aware policy against ``paper`` and the oracle, and when ``od-moe`` pays.
 
-Studies, as ``(study, labels, config, policy)`` specs that :mod:`cluster.reproduce` turns into
+Studies, as ``(study, labels, config, policy)`` specs that :mod:`cluster.studies.reproduce` turns into
 its cases (this module imports neither it nor its report, so that there is no import circle):
 
 - ``routing_headline``: speedup over ``monde`` of ``paper``, ``paper-drift`` and
@@ -48,7 +48,7 @@ Spec = tuple[str, dict[str, Any], Any, str]  # (study, labels, config, policy)
 
 
 def case_specs(opts: Any, load: Callable[..., Any]) -> list[Spec]:
-    """The studies' cases. ``opts``: :class:`cluster.reproduce.Options`; ``load(units, model,
+    """The studies' cases. ``opts``: :class:`cluster.studies.reproduce.Options`; ``load(units, model,
     *overrides)`` and ``load.sweep(...)``: its config loader."""
     out: list[Spec] = []
     for routing in (STATIONARY, REAL_LIKE):
@@ -188,7 +188,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 def odmoe_numbers(cfg: Any) -> dict[str, float]:
     """One expert's link time against the NDP time it saves at batch 1 (``cfg``: the focus
     point's config): on the GPU it frees each unit of its tensor-parallel slice."""
-    from cluster.cost import CostModel
+    from cluster.core.cost import CostModel
 
     cost = CostModel(cfg)
     n = cfg.ndp.num_ndp_units

@@ -1,0 +1,1 @@
+"""The pure bottom: what the system is."""

@@ -1,0 +1,1 @@
+"""The engines: how a run is timed."""

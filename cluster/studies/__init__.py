@@ -1,0 +1,1 @@
+"""The studies: how runs are driven."""

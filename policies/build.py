@@ -1,0 +1,57 @@
+"""Building a policy for a run: its prefetcher with the context it asks for, and the config its
+cost model is built from. Shared by both engines (the analytic one and the emulation's scheduler
+core), so that they make the same policy from the same config.
+
+The prefetcher's class flags say what context it needs (``needs_future``,
+``needs_prefill_routing``, ``needs_calibration``); nothing here knows a policy by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import policies
+from cluster.core.routing import calibration_counts
+from cluster.core.selection import Routing, group_by_expert
+from cluster.core.spec import Config
+from policies.prefetch import PrefetchContext, Prefetcher
+
+
+def decode_future(routing: Routing) -> list[list[dict[int, int]]]:
+    """[decode step][layer] -> {expert: tokens}: what only the oracle may see."""
+    out = []
+    for s in range(routing.decode_steps):
+        out.append([{e: len(t) for e, t in group_by_expert(routing.decode_ids(s, lay)).items()}
+                    for lay in range(routing.num_layers)])
+    return out
+
+
+def make_prefetcher(cfg: Config, name: str, routing: Routing) -> Prefetcher:
+    cls = policies.get("prefetcher", name)
+    ctx = PrefetchContext(cfg, cfg.cache_capacity_experts)
+    if cls.needs_future:
+        ctx.future = decode_future(routing)
+    if cls.needs_calibration:
+        ctx.calibration = calibration_counts(cfg)
+    if cls.needs_prefill_routing:
+        P = routing.prompt_tokens
+        ctx.prefill_ids = routing.topk_ids[:, :P].reshape(-1, *routing.topk_ids.shape[2:])
+        ctx.prefill_weights = routing.topk_weights[:, :P].reshape(-1, *routing.topk_weights.shape[2:])
+    return cls(ctx)
+
+
+def policy_cost_config(cfg: Config, *classes: type) -> Config:
+    """The config a policy's cost model is built from: ``cfg``, unless one of its classes
+    (scheduler, prefetcher) sets ``uses_ndp_weight_bits`` and ``policy.ndp_weight_bits`` < 16.
+
+    Then NDP-side expert weights are read at ``bits / 16`` of their fp16 bytes, modelled as
+    an NDP internal bandwidth ``16 / bits`` times higher, so that every user of the cost model
+    (plans, timing, lower bounds, both engines) agrees. NDP flops, the link and the GPU are
+    unchanged; the activations an NDP unit reads (``2 * n * d_model`` fp16 values per expert,
+    small beside its weights) get the same speed-up: a simplification.
+    """
+    bits = cfg.policy.ndp_weight_bits
+    if bits >= 16 or not any(getattr(c, "uses_ndp_weight_bits", False) for c in classes):
+        return cfg
+    ndp = dataclasses.replace(cfg.ndp, internal_bw_gbps=cfg.ndp.internal_bw_gbps * 16 / bits)
+    return cfg.replace(ndp=ndp)
