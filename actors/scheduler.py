@@ -52,7 +52,7 @@ from actors.transport import Refusals, Transport
 from cluster.core import kernels as K
 from cluster.core.cost import CostModel
 from cluster.core.errors import EmulationError, ProtocolError
-from cluster.core.faults import Kill, parse_inject
+from cluster.core.faults import Kill
 from cluster.core.selection import Routing, group_by_expert
 from cluster.core.spec import Config
 from policies.build import make_prefetcher, policy_cost_config
@@ -964,7 +964,7 @@ class SchedulerCore:
     def __init__(self, cfg: Config, routing: Routing, transport: Transport) -> None:
         self.cfg, self.routing, self.tr = cfg, routing, transport
         self.timeout_s = cfg.emulate.recv_timeout_s
-        self.faults = parse_inject(cfg.emulate.inject)
+        self.faults = cfg.faults
         rng = np.random.default_rng([cfg.workload.seed, 0xD809])
         self.net = Dispatcher(transport, self.timeout_s,
                               heartbeat_timeout_s=cfg.emulate.heartbeat_timeout_s,

@@ -45,7 +45,7 @@ import ray
 
 from cluster.core.config import load_config
 from cluster.core.errors import EmulationError
-from cluster.core.faults import inject_overrides, parse_inject
+from cluster.core.faults import inject_overrides
 from cluster.core.reference import reference_forward
 from cluster.core.routing import build_routing
 from cluster.engines.emulate import choose_scale
@@ -87,7 +87,7 @@ def one_run(i: int, specs: list[str], recover: bool, policy: str, work: Path,
             wall_limit_s: float) -> dict[str, Any]:
     overrides = [*BASE, f"emulate.recover={'true' if recover else 'false'}", *inject_overrides(specs)]
     cfg = load_config(model="olmoe-1b-7b", overrides=overrides)
-    faults = parse_inject(cfg.emulate.inject)
+    faults = cfg.faults
     killed = sorted({f"ndp{k.unit}" for k in faults.kills})
     expect = "error" if killed and not recover else "ok"
     row: dict[str, Any] = {"run": i, "faults": ";".join(specs), "recover": recover, "policy": policy,

@@ -70,6 +70,23 @@ def test_a_spec_of_every_kind_parses_into_faults() -> None:
     assert parse_inject("slow:ndp0x1.5;delay:link+2.5us").link_delay_us == 2.5
 
 
+def test_the_config_holds_its_faults_split_into_model_and_run_sides() -> None:
+    """``cfg.faults`` is the parsed spec; only its model side (slow, delay) reaches the cost
+    model, so a kill or a drop leaves every modelled duration as it was."""
+    def cfg(spec: str) -> Config:
+        return load_config(model="olmoe-1b-7b", overrides=[f'emulate.inject="{spec}"'])
+
+    both = cfg("kill:ndp1@step2;drop:0.1;slow:ndp0x2;delay:link+5us")
+    assert both.faults.model == parse_inject("slow:ndp0x2;delay:link+5us").model
+    assert both.faults.run == parse_inject("kill:ndp1@step2;drop:0.1").run
+    assert both.faults.run.kills == (Kill(1, 2),) and both.faults.model.slow == ((0, 2.0),)
+    healthy, run_side = CostModel(cfg("")), CostModel(cfg("kill:ndp1@step2;drop:0.1"))
+    model_side = CostModel(cfg("slow:ndp0x2;delay:link+5us"))
+    assert run_side.unit_factor == healthy.unit_factor and run_side.link_latency_s == healthy.link_latency_s
+    assert model_side.unit_factor[0] == 2.0
+    assert model_side.link_latency_s == pytest.approx(healthy.link_latency_s + 5e-6, rel=1e-12)
+
+
 @pytest.mark.parametrize("spec, why", [
     ("kill:ndp2", "not a fault"),
     ("kill:ndp2@step0", "decode step >= 1"),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.core.faults import parse_inject
 from cluster.core.spec import BYTES_PER_ACT, BYTES_PER_PARAM, Config
 
 
@@ -42,7 +41,7 @@ class CostModel:
     def __post_init__(self) -> None:
         c, m = self.cfg, self.cfg.model
         s = object.__setattr__
-        faults = parse_inject(c.emulate.inject)
+        faults = c.faults.model  # the run-side faults (kill, drop) do not change the model
         if self.unit_factor is None:
             s(self, "unit_factor", faults.unit_factors(c.ndp.num_ndp_units))
         elif len(self.unit_factor) != c.ndp.num_ndp_units:

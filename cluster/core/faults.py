@@ -55,13 +55,11 @@ class Kill:
 
 
 @dataclass(frozen=True)
-class Faults:
-    """The parsed ``emulate.inject``. Empty (no faults) by default."""
+class ModelFaults:
+    """The faults that change the model: what the cost model, hence both engines, sees."""
 
-    kills: tuple[Kill, ...] = ()
     slow: tuple[tuple[int, float], ...] = ()  # (unit, factor), at most one per unit
     link_delay_us: float = 0.0
-    drop_p: float = 0.0
 
     def unit_factors(self, num_units: int) -> tuple[float, ...]:
         """Per unit: how many times slower it computes (1.0 for a healthy unit)."""
@@ -70,6 +68,35 @@ class Faults:
             if u < num_units:
                 f[u] = x
         return tuple(f)
+
+
+@dataclass(frozen=True)
+class RunFaults:
+    """The faults that happen to the emulation cluster only (the analytic engine has none)."""
+
+    kills: tuple[Kill, ...] = ()
+    drop_p: float = 0.0
+
+
+@dataclass(frozen=True)
+class Faults:
+    """The parsed ``emulate.inject`` (``Config.faults``). Empty (no faults) by default."""
+
+    kills: tuple[Kill, ...] = ()
+    slow: tuple[tuple[int, float], ...] = ()  # (unit, factor), at most one per unit
+    link_delay_us: float = 0.0
+    drop_p: float = 0.0
+
+    @property
+    def model(self) -> ModelFaults:
+        return ModelFaults(self.slow, self.link_delay_us)
+
+    @property
+    def run(self) -> RunFaults:
+        return RunFaults(self.kills, self.drop_p)
+
+    def unit_factors(self, num_units: int) -> tuple[float, ...]:
+        return self.model.unit_factors(num_units)
 
     def as_dict(self) -> dict:
         return {"kill": [{"unit": k.unit, "step": k.step} for k in self.kills],

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from cluster.core.errors import ConfigError
-from cluster.core.faults import check_against, parse_inject
+from cluster.core.faults import Faults, check_against, parse_inject
 
 BYTES_PER_PARAM = 2  # fp16 weights in the cost model
 BYTES_PER_ACT = 2  # fp16 activations on the wire and in memory
@@ -498,6 +498,13 @@ class Config:
         return dataclasses.replace(self, **sections)
 
     # --- memory budget -------------------------------------------------------------------
+    @property
+    def faults(self) -> Faults:
+        """``emulate.inject`` parsed (checked when the config was made, parsed once and kept):
+        ``faults.model`` changes the model both engines time (slow units, link delay);
+        ``faults.run`` happens to the emulation cluster only (kills, dropped commands)."""
+        return parse_inject(self.emulate.inject)
+
     @property
     def fetch_buffer_experts(self) -> int:
         n = self.policy.fetch_buffer_experts or self.model.num_experts

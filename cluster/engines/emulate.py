@@ -54,7 +54,6 @@ import numpy as np
 
 from cluster.core.cost import CostModel
 from cluster.core.errors import ConfigError, EmulationError
-from cluster.core.faults import parse_inject
 from cluster.core.metrics import PolicyRecords, summarize
 from cluster.core.selection import Routing
 from cluster.core.spec import Config
@@ -332,7 +331,7 @@ def run_emulation(cfg: Config, routing: Routing, names: list[str], run_dir: Path
 
     scale = choose_scale(cfg)
     say = console.print if console is not None else (lambda *a, **k: None)
-    faults = parse_inject(cfg.emulate.inject)
+    faults = cfg.faults
     if not cfg.emulate.curve:
         say("[yellow]warning:[/] emulate.curve = false: the data plane is neither authenticated "
             "nor encrypted; peers are told apart by the name they claim, which any process that "

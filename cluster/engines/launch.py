@@ -112,7 +112,6 @@ class _DeviceActor:
         from actors.devices import DeviceServer, GpuDevice, NdpUnit
         from actors.link import LINK_PEER
         from actors.transport import Mux, ZmqDealer
-        from cluster.core.faults import parse_inject
 
         self._blas = _one_blas_thread()
         self.kind, self.unit = kind, unit
@@ -130,7 +129,7 @@ class _DeviceActor:
         self.heartbeat = ZmqDealer(identity + b".hb", router_id=b"sched", send_timeout_s=0.0, hwm=4,
                                    **curve)
         self.heartbeat.connect(endpoint)
-        doomed = kind == "ndp" and any(k.unit == unit for k in parse_inject(cfg.emulate.inject).kills)
+        doomed = kind == "ndp" and any(k.unit == unit for k in cfg.faults.kills)
         self.server = DeviceServer(device, self.transport, heartbeat=self.heartbeat,
                                    incarnation=os.getpid(), announce_to=b"sched",
                                    on_die=_exit_now if doomed else None)
