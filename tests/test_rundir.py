@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import main
+from cluster.engines import base
 from cluster.engines.emulate import machine_memory_bytes
-from cluster.studies import report, runner
+from cluster.studies import report
 
 ANALYTIC = ["run", "--engine", "analytic", "--model", "olmoe-1b-7b", "--quiet", "--no-plots",
             "--set", "workload.prompt_tokens=4", "--set", "workload.output_tokens=4",
@@ -105,15 +106,15 @@ def test_overwrite_replaces_an_earlier_run_with_nothing_left_over(tmp_path):
 def _fail_after_first_policy(monkeypatch, exc: BaseException) -> None:
     """The second policy to finish raises ``exc`` in the run's own process (however the
     policies are run: in order, or side by side in workers)."""
-    real, calls = runner.summarize, []
+    real, calls = base.summary_of, []
 
-    def summarize(rec, *a, **kw):
+    def summary_of(rec, *a, **kw):
         calls.append(rec.policy)
         if len(calls) == 2:
             raise exc
         return real(rec, *a, **kw)
 
-    monkeypatch.setattr(runner, "summarize", summarize)
+    monkeypatch.setattr(base, "summary_of", summary_of)
 
 
 def test_a_failed_run_says_failed_with_the_error_and_keeps_what_finished(tmp_path, monkeypatch,

@@ -1,7 +1,8 @@
-"""Run records (plain events) and their aggregation into the per-policy summary.
+"""Run records (plain events), their aggregation into the per-policy summary, and the typed
+results both engines return (:class:`PolicySummary`, :class:`RunResult`).
 
 Engines append :class:`StepRecord` and :class:`TokenRecord` rows while they run; nothing is
-aggregated until :func:`summarize`. Imbalance, named as in DESIGN.md section 6:
+aggregated until :func:`summary_of`. Imbalance, named as in DESIGN.md section 6:
 
 - ``max_over_mean``: per MoE step, max unit busy time / mean unit busy time (>= 1), then
   averaged over the steps that gave the NDP units any work;
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cluster.core.spec import Config
 
 
 @dataclass
@@ -103,8 +107,8 @@ def _records_from_columns(state: dict[str, Any], columns: list[list[Any]]) -> Po
     return rec
 
 
-def summarize(rec: PolicyRecords, num_units: int) -> dict[str, Any]:
-    """Per-policy summary fields of ``summary.json`` (speedup filled in by the caller)."""
+def summary_of(rec: PolicyRecords, num_units: int) -> PolicySummary:
+    """The policy's :class:`PolicySummary` (its speed-up is the run's to fill in)."""
     steps = rec.steps
     e2e = rec.tokens[-1].time_s if rec.tokens else 0.0
     ttft = rec.tokens[0].time_s if rec.tokens else 0.0
@@ -121,31 +125,37 @@ def summarize(rec: PolicyRecords, num_units: int) -> dict[str, Any]:
     unit_busy = np.sum(busy, axis=0) if steps else np.zeros(num_units)
     gpu_busy = rec.gpu_other_busy_s + sum([s.gpu_busy_s for s in steps])
     moe = [s.end_s - s.start_s for s in dec_steps]
-    return {
-        "scheduler": rec.scheduler,
-        "prefetcher": rec.prefetcher,
-        "e2e_latency_s": e2e,
-        "ttft_s": ttft,
-        "tpot_s": float(np.mean(decode)) if decode else 0.0,
-        "moe_step_mean_s": float(np.mean(moe)) if moe else 0.0,
-        "moe_step_p50_s": float(np.median(moe)) if moe else 0.0,
-        "moe_step_p99_s": float(np.percentile(moe, 99)) if moe else 0.0,
-        "max_over_mean": float(np.mean(max_over_mean)) if ndp_busy else 1.0,
-        "balancedness": float(np.mean(balancedness)) if ndp_busy else 1.0,
-        "gpu_util": gpu_busy / e2e if e2e > 0 else 0.0,
-        "unit_util": [float(b / e2e) if e2e > 0 else 0.0 for b in unit_busy],
-        "prefetch_hit_rate": hits / active if active else 0.0,
-        "link_bytes": {
+    return PolicySummary(
+        scheduler=rec.scheduler,
+        prefetcher=rec.prefetcher,
+        e2e_latency_s=e2e,
+        ttft_s=ttft,
+        tpot_s=float(np.mean(decode)) if decode else 0.0,
+        moe_step_mean_s=float(np.mean(moe)) if moe else 0.0,
+        moe_step_p50_s=float(np.median(moe)) if moe else 0.0,
+        moe_step_p99_s=float(np.percentile(moe, 99)) if moe else 0.0,
+        max_over_mean=float(np.mean(max_over_mean)) if ndp_busy else 1.0,
+        balancedness=float(np.mean(balancedness)) if ndp_busy else 1.0,
+        gpu_util=gpu_busy / e2e if e2e > 0 else 0.0,
+        unit_util=[float(b / e2e) if e2e > 0 else 0.0 for b in unit_busy],
+        prefetch_hit_rate=hits / active if active else 0.0,
+        link_bytes={
             "activation": int(sum([s.bytes_activation for s in steps])),
             "partial": int(sum([s.bytes_partial for s in steps])),
             "fetch": int(sum([s.bytes_fetch for s in steps])),
             "prefetch": int(rec.prefetch_bytes),
         },
-        "fetched_experts": int(sum([s.fetched for s in steps])),
-        "prefetched_experts": int(rec.prefetched_experts),
-        "moe_steps": len(steps),
-        **rec.extra,
-    }
+        fetched_experts=int(sum([s.fetched for s in steps])),
+        prefetched_experts=int(rec.prefetched_experts),
+        moe_steps=len(steps),
+        extra=dict(rec.extra),
+    )
+
+
+def summarize(rec: PolicyRecords, num_units: int) -> dict[str, Any]:
+    """Per-policy summary fields of ``summary.json``, without the speed-up (which needs the
+    other policies of the run: :class:`RunResult` fills it in)."""
+    return summary_of(rec, num_units).fields()
 
 
 STEP_FIELDS = [f.name for f in dataclasses.fields(StepRecord)]
@@ -191,3 +201,128 @@ def write_tokens_csv(path: Path, records: list[PolicyRecords]) -> None:
         for rec in records:
             for t in rec.tokens:
                 w.writerow([t.policy, t.index, f"{t.time_s:.9g}", f"{t.latency_s:.9g}"])
+
+
+# --- typed results ---------------------------------------------------------------------------
+
+SPEEDUP_BASE = "monde"  # the paper's baseline: every policy's speed-up is over it
+
+# ``RunResult`` is serialised once, by :meth:`RunResult.document`, to ``summary.json``; speed-ups
+# over ``monde`` are computed in one place (``RunResult.__post_init__``) and nothing downstream
+# edits a summary: an engine with more to say about a policy (fidelity, overruns, fault
+# counters, a failure) puts it in the summary's ``extra`` when it builds it.
+
+
+@dataclass
+class PolicySummary:
+    """What one policy did in one run. Times in emulated seconds of the target hardware."""
+
+    scheduler: str
+    prefetcher: str
+    e2e_latency_s: float
+    ttft_s: float
+    tpot_s: float
+    moe_step_mean_s: float
+    moe_step_p50_s: float
+    moe_step_p99_s: float
+    max_over_mean: float  # per MoE step with NDP work, max / mean unit busy time, averaged
+    balancedness: float  # mean / max of the same, averaged
+    gpu_util: float
+    unit_util: list[float]
+    prefetch_hit_rate: float
+    link_bytes: dict[str, int]  # activation, partial, fetch, prefetch
+    fetched_experts: int
+    prefetched_experts: int
+    moe_steps: int
+    extra: dict[str, Any] = field(default_factory=dict)
+    speedup_vs_monde: float | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The common fields in order, then ``extra``: the summary before its speed-up."""
+        d = {f.name: getattr(self, f.name) for f in COMMON}
+        d.update(self.extra)
+        return d
+
+    def to_dict(self) -> dict[str, Any]:
+        """The policy's object in ``summary.json``."""
+        return {**self.fields(), "speedup_vs_monde": self.speedup_vs_monde}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PolicySummary:
+        """The inverse of :meth:`to_dict`: the common fields by name, every other key to
+        ``extra`` (a failed policy's summary may lack common fields: they must be there)."""
+        missing = [f.name for f in COMMON if f.name not in d]
+        if missing:
+            raise ValueError(f"a policy summary needs {missing}")
+        extra = {k: v for k, v in d.items() if k not in _COMMON_NAMES and k != "speedup_vs_monde"}
+        return cls(**{f.name: d[f.name] for f in COMMON}, extra=extra,
+                   speedup_vs_monde=d.get("speedup_vs_monde"))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A field or an ``extra`` key by name, as in ``summary.json``."""
+        if key in _COMMON_NAMES or key == "speedup_vs_monde":
+            return getattr(self, key)
+        return self.extra.get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in _COMMON_NAMES or key == "speedup_vs_monde" or key in self.extra:
+            return self.get(key)
+        raise KeyError(key)
+
+
+COMMON = [f for f in dataclasses.fields(PolicySummary) if f.name not in ("extra", "speedup_vs_monde")]
+_COMMON_NAMES = frozenset(f.name for f in COMMON)
+
+
+@dataclass
+class RunResult:
+    """One run of some policies on one engine.
+
+    ``policies`` keeps the order they ran in. ``failures``: the policy that failed part-way
+    (its error, where, and a partial summary; an emulation only), after them. ``extra`` holds
+    run-level facts (the routing, the cache size, the emulation cluster's calibration and fault
+    counters). ``status`` is ``"ok"`` or ``"failed"`` (then ``error`` says why and ``not_run``
+    lists the policies that never started). Speed-ups are filled in on creation.
+    """
+
+    engine: str
+    cfg: Config
+    policies: dict[str, PolicySummary]
+    records: list[PolicyRecords] = field(default_factory=list)
+    failures: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    status: str = "ok"
+    error: str | None = None
+    not_run: list[str] = field(default_factory=list)
+    run_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        base = self.policies.get(SPEEDUP_BASE)
+        b = base.e2e_latency_s if base is not None else None
+        for s in self.policies.values():
+            v = s.e2e_latency_s
+            s.speedup_vs_monde = (b / v) if b and v else None
+
+    @property
+    def summaries(self) -> dict[str, dict[str, Any]]:
+        """The per-policy objects of ``summary.json``, by policy name."""
+        out = {n: s.to_dict() for n, s in self.policies.items()}
+        out.update({n: {**d, "speedup_vs_monde": None} for n, d in self.failures.items()})
+        return out
+
+    def document(self) -> dict[str, Any]:
+        """The whole ``summary.json``."""
+        doc: dict[str, Any] = {
+            "engine": self.engine,
+            "system": self.cfg.system_name,
+            "model": self.cfg.model.name,
+            "config": self.cfg.to_dict(),
+            "policies": self.summaries,
+            **self.extra,
+        }
+        if self.status != "ok":
+            doc["status"] = self.status
+            doc["error"] = self.error
+            doc["not_run"] = list(self.not_run)
+        doc.setdefault("status", "ok")
+        return doc

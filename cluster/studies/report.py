@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.core.metrics import PolicyRecords, write_steps_csv, write_tokens_csv
-from cluster.core.spec import Config
+from cluster.core.metrics import PolicyRecords, RunResult, write_steps_csv, write_tokens_csv
 
 
 def new_run_dir(base: str | Path = "runs", engine: str = "analytic") -> Path:
@@ -31,30 +30,11 @@ def new_run_dir(base: str | Path = "runs", engine: str = "analytic") -> Path:
     raise RuntimeError("could not create a fresh run directory")  # pragma: no cover
 
 
-def add_speedups(summaries: dict[str, dict[str, Any]]) -> None:
-    """``speedup_vs_monde`` = monde's end-to-end latency / the policy's (None without monde)."""
-    base = summaries.get("monde", {}).get("e2e_latency_s")
-    key = "e2e_latency_s"
-    base = summaries.get("monde", {}).get(key, base)
-    for s in summaries.values():
-        v = s.get(key, s.get("e2e_latency_s"))
-        s["speedup_vs_monde"] = (base / v) if base and v else None
-
-
-def write_summary(run_dir: Path, cfg: Config, engine: str, summaries: dict[str, dict[str, Any]],
-                  extra: dict[str, Any] | None = None) -> Path:
-    doc = {
-        "engine": engine,
-        "system": cfg.system_name,
-        "model": cfg.model.name,
-        "config": cfg.to_dict(),
-        "policies": summaries,
-        **(extra or {}),
-    }
-    doc.setdefault("status", "ok")
+def write_summary(result: RunResult, run_dir: Path) -> Path:
+    """``summary.json`` (:meth:`RunResult.document`) and ``config.json`` of a run."""
     path = run_dir / "summary.json"
-    path.write_text(strict_json(doc))
-    (run_dir / "config.json").write_text(strict_json(cfg.to_dict()))
+    path.write_text(strict_json(result.document()))
+    (run_dir / "config.json").write_text(strict_json(result.cfg.to_dict()))
     return path
 
 

@@ -1,8 +1,9 @@
 """Running policies on an engine and writing the run directory.
 
 ``run`` resolves policy names, builds the routing once, runs every policy on the chosen engine
-(with a progress bar), adds speedups over ``monde`` and writes ``summary.json``, the CSVs, the
-trace and the plots. Both engines come through here; Ray is imported only for ``emulate``.
+(:mod:`cluster.engines.base`: one interface, a typed :class:`RunResult` back, speed-ups included)
+with a progress bar and writes ``summary.json``, the CSVs, the trace and the plots. Ray is
+imported only for ``emulate``.
 
 An emulated run that fails part-way still writes the run directory: ``summary.json`` with the
 policies that finished, the failing one marked ``"status": "failed"`` with its error and the
@@ -17,26 +18,20 @@ runs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import policies
-from cluster.core.metrics import PolicyRecords, summarize
+from cluster.core.errors import EmulationError
+from cluster.core.metrics import RunResult
 from cluster.core.routing import build_routing
 from cluster.core.selection import Routing
 from cluster.core.spec import Config
-from cluster.engines import fanout
+from cluster.engines.base import Engine, RunFailed, describe
+from cluster.engines.base import engine as engine_named
 from cluster.studies import report, rundir
 
 DEFAULT_POLICIES = ("ep", "monde", "tp", "tp-lb", "paper")
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    summaries: dict[str, dict[str, Any]]
-    records: list[PolicyRecords]
 
 
 def _progress(console, enabled: bool):
@@ -69,101 +64,62 @@ def run(cfg: Config, policy_names: Sequence[str], engine: str = "analytic",
     names = list(dict.fromkeys(policy_names))
     for n in names:
         policies.resolve(n)  # fail on a bad name before any work
-    if engine not in ("analytic", "emulate"):
-        from cluster.core.errors import ConfigError
-
-        raise ConfigError(f"--engine {engine!r} is not allowed: must be analytic or emulate")
+    eng = _engine(engine, console, progress, engine_opts)
     routing = routing if routing is not None else build_routing(cfg)
     stage = rundir.Staging.create(out, engine, overwrite)
     try:
-        summaries, records = _run_into(stage.path, cfg, routing, names, engine, console,
-                                       progress, plots, engine_opts)
+        result = _run_into(stage.path, eng, cfg, routing, names, console, progress, plots)
     except BaseException as exc:
         if not (stage.path / "summary.json").exists():  # failed before any result was written
-            report.write_summary(stage.path, cfg, engine, {}, {
-                "status": "failed", "error": _describe(exc), "not_run": names})
+            report.write_summary(RunResult(engine, cfg, {}, status="failed", error=describe(exc),
+                                           not_run=names), stage.path)
         run_dir = stage.commit()
         if isinstance(exc, _Partial):
             if exc.failure.interrupted:
                 raise KeyboardInterrupt from None
-            from cluster.core.errors import EmulationError
-
-            raise EmulationError(f"{exc.failure}; partial results in "
-                                 f"{run_dir / 'summary.json'}") from exc.failure
+            raise EmulationError(f"{exc.failure.cause}; partial results in "
+                                 f"{run_dir / 'summary.json'}") from exc.failure.cause
         raise
-    return RunResult(stage.commit(), summaries, records)
+    result.run_dir = stage.commit()
+    return result
+
+
+def _engine(name: str, console, progress: bool, opts: dict[str, Any]) -> Engine:
+    if name == "emulate":
+        return engine_named(name, console=console, show_progress=progress, **opts)
+    return engine_named(name, **opts)
 
 
 class _Partial(Exception):
     """An emulated run that stopped early; its partial results are already written."""
 
-    def __init__(self, failure: Exception) -> None:
+    def __init__(self, failure: RunFailed) -> None:
         super().__init__(str(failure))
         self.failure = failure
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted by the user (Ctrl-C or SIGTERM)"
-    from cluster.core.errors import NdpmoeError
-
-    if isinstance(exc, NdpmoeError):  # already one paragraph for the user
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}".rstrip(": ")  # a bug: say what kind
-
-
-def _run_into(run_dir: Path, cfg: Config, routing: Routing, names: list[str], engine: str,
-              console, progress: bool, plots: bool, engine_opts: dict[str, Any]
-              ) -> tuple[dict[str, dict[str, Any]], list[PolicyRecords]]:
+def _run_into(run_dir: Path, eng: Engine, cfg: Config, routing: Routing, names: list[str],
+              console, progress: bool, plots: bool) -> RunResult:
     failure = None
-    if engine == "emulate":
-        from cluster.engines.emulate import PartialRunError, run_emulation  # imports Ray
-
-        try:
-            summaries, records, extra = run_emulation(cfg, routing, names, run_dir, console=console,
-                                                      progress=progress, **engine_opts)
-        except PartialRunError as exc:
-            failure = exc
-            summaries, records, extra = exc.summaries, exc.records, exc.extra
-    else:
-        summaries, records = {}, []
-        steps = routing.decode_steps + 1
-
-        def done(rec: PolicyRecords) -> None:
-            records.append(rec)
-            summaries[rec.policy] = summarize(rec, cfg.ndp.num_ndp_units)
-
-        try:
+    try:
+        if eng.name == "analytic":
+            steps = routing.decode_steps + 1
             with _progress(console, progress) as bar:
                 tasks = {n: bar.add_task(n, total=steps) for n in names}
                 # policies side by side on the cores (cluster.engines.fanout), finished ones kept
-                fanout.run_policies(cfg, routing, names, done,
-                                    lambda n, k: bar.advance(tasks[n], k))
-            records.sort(key=lambda r: names.index(r.policy))
-            summaries = {n: summaries[n] for n in names}
-        except BaseException as exc:  # keep the policies that finished
-            report.add_speedups(summaries)
-            report.write_summary(run_dir, cfg, engine, summaries, {
-                "status": "failed", "error": _describe(exc),
-                "not_run": [n for n in names if n not in summaries]})
-            raise
-        extra = {}
-    report.add_speedups(summaries)
-    extra = {
-        "routing": {"source": routing.source, "batch": routing.batch,
-                    "prompt_tokens": routing.prompt_tokens, "decode_steps": routing.decode_steps},
-        "cache_capacity_experts": cfg.cache_capacity_experts,
-        "notes": [
-            "Times are modelled (emulated) seconds of the target hardware.",
-            "eplb: moving replica weights between units is not charged on the link.",
-        ],
-        **extra,
-    }
-    report.write_summary(run_dir, cfg, engine, summaries, extra)
-    report.write_records(run_dir, records)
-    report.write_trace(run_dir, records)
+                result = eng.run(cfg, routing, names, lambda n, k: bar.advance(tasks[n], k), run_dir)
+        else:
+            result = eng.run(cfg, routing, names, run_dir=run_dir)
+    except RunFailed as exc:
+        if eng.name == "analytic":  # keep the policies that finished, then fail
+            report.write_summary(exc.result, run_dir)
+            raise exc.cause from None
+        failure, result = exc, exc.result
+    report.write_summary(result, run_dir)
+    report.write_records(run_dir, result.records)
+    report.write_trace(run_dir, result.records)
     if failure is not None:
         raise _Partial(failure)
     if plots:
-        report.write_plots(run_dir, summaries, records)
-    return summaries, records
+        report.write_plots(run_dir, result.summaries, result.records)
+    return result

@@ -103,23 +103,18 @@ def run_config(system: str | None, model: str | None, base: list[str], point: di
                names: list[str]) -> list[dict[str, Any]]:
     """Runs every policy on one configuration; returns one row per (configuration, policy)."""
     from cluster.core.config import load_config
-    from cluster.core.metrics import summarize
     from cluster.core.routing import kept_routing
-    from cluster.engines.analytic import run_policy
-    from cluster.studies.report import add_speedups
+    from cluster.engines.base import run_job
 
     t0 = time.perf_counter()
     try:
         cfg = load_config(system, model, None, [*base, *_overrides(point)])
     except ConfigError as exc:
         return [{**point, "policy": n, "error": str(exc)} for n in names]
-    routing = kept_routing(cfg)  # configurations that differ in hardware only share it
-    summaries = {n: summarize(run_policy(cfg, routing, n, trace_steps=range(0), lower_bounds=False),
-                              cfg.ndp.num_ndp_units) for n in names}
-    add_speedups(summaries)
+    result = run_job(cfg, kept_routing(cfg), names)  # configurations that differ in hardware only share a routing
     dt = (time.perf_counter() - t0) / max(1, len(names))
     return [{**point, "policy": n, "error": "", "point_s": dt,
-             **{m: summaries[n].get(m) for m in METRICS}} for n in names]
+             **{m: result.policies[n].get(m) for m in METRICS}} for n in names]
 
 
 def run_sweep(grid: Grid, system: str | None = None, model: str | None = None,

@@ -28,10 +28,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cluster.core.config import load_config  # noqa: E402
-from cluster.core.metrics import PolicyRecords, summarize  # noqa: E402
+from cluster.core.metrics import PolicyRecords, RunResult, summary_of  # noqa: E402
 from cluster.core.routing import build_routing  # noqa: E402
 from cluster.engines.analytic import run_policy  # noqa: E402
-from cluster.studies.report import add_speedups  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REL_TOL = 1e-12
@@ -102,11 +101,10 @@ def compute(case: tuple[str | None, str | None, list[str], list[str]]) -> dict[s
     summaries, digests = {}, {}
     for n in names:
         rec = run_policy(cfg, routing, n)
-        summaries[n] = summarize(rec, cfg.ndp.num_ndp_units)
+        summaries[n] = summary_of(rec, cfg.ndp.num_ndp_units)
         digests[n] = _digest(rec)
-    add_speedups(summaries)
     return {"case": {"system": system, "model": model, "overrides": overrides, "policies": names},
-            "policies": summaries, "steps": digests}
+            "policies": RunResult("analytic", cfg, summaries).summaries, "steps": digests}
 
 
 def path_of(name: str) -> Path:
