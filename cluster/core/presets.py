@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from cluster.core.errors import ConfigError
+from cluster.core.spec import GpuSpec, LinkSpec, NdpSpec
+
 GIB = 1 << 30
 
 _RTX5080 = {"name": "rtx5080", "mem_bytes": 16 * GIB, "mem_bw_gbps": 960.0,
@@ -54,3 +57,35 @@ MODELS: dict[str, dict[str, Any]] = {
 for _name, _m in MODELS.items():
     _m["name"] = _name
 DEFAULT_MODEL = "qwen3-30b-a3b"
+
+
+def register_system(name: str, *, gpu: dict[str, Any], ndp: dict[str, Any],
+                    link: dict[str, Any], description: str) -> None:
+    """Adds a system preset: a device model (the GPU, one NDP unit times ``num_ndp_units``, the
+    host link), usable as ``load_config(system=name)`` like the shipped ones.
+
+    Each section is checked now, with the same field / value / allowed messages as a config
+    file (:mod:`cluster.core.spec`); a name already taken is refused.
+    """
+    if not isinstance(name, str) or not name or name in SYSTEMS:
+        raise ConfigError(f"system preset {name!r} is not allowed: must be a new, non-empty name "
+                          f"(taken: {', '.join(SYSTEMS)})")
+    for cls, fields in ((GpuSpec, gpu), (NdpSpec, ndp), (LinkSpec, link)):
+        unknown = sorted(set(fields) - {f.name for f in cls.__dataclass_fields__.values()})
+        if unknown:
+            raise ConfigError(f"system preset {name!r}: {cls.SECTION}.{unknown[0]} is not a field "
+                              f"(allowed: {', '.join(cls.__dataclass_fields__)})")
+        cls(**fields)  # raises ConfigError naming the field and the value
+    SYSTEMS[name] = {"gpu": dict(gpu), "ndp": dict(ndp), "link": dict(link)}
+    SYSTEM_DESCRIPTIONS[name] = description
+
+
+def unregister_system(name: str) -> None:
+    """Removes a preset added by :func:`register_system` (the shipped ones stay)."""
+    if name in _SHIPPED_SYSTEMS:
+        raise ValueError(f"{name!r} ships with ndpmoe and cannot be removed")
+    SYSTEMS.pop(name, None)
+    SYSTEM_DESCRIPTIONS.pop(name, None)
+
+
+_SHIPPED_SYSTEMS = frozenset(SYSTEMS)
