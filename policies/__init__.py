@@ -8,9 +8,30 @@ Importing this package registers every scheduler, prefetcher and named combinati
   ``prefill-freq-refresh``, (:mod:`policies.drift`) ``decayed-freq``
 - combinations: ``paper`` = ``tp-lb`` + ``prefill-freq``; the neighbours ``context-aware``,
   ``od-moe``, ``expertflow``; ``paper-refresh`` and ``paper-drift`` (beyond the paper)
+
+How to add a policy (one file plus a registration; ``tests/test_add_a_policy.py`` follows
+this recipe):
+
+1. In ``policies/my_policy.py`` subclass :class:`Scheduler` (implement ``plan(step) ->
+   Plan``) or :class:`Prefetcher` (``after_prefill`` / ``after_step`` return the keys to fetch).
+2. Its settings, if any: a frozen dataclass subclassing :class:`cluster.core.spec.Knobs`,
+   fields with defaults (names unique over all policies, e.g. prefixed ``my_``), checked in
+   ``__post_init__`` with ``self.integers`` / ``self.fractions`` / ``self.check``.
+3. Register both: ``@register("scheduler", "my-policy", knobs=MyKnobs)``; the policy reads
+   ``self.knobs.my_field``; users set ``--set policy.my_field=3`` or ``[policy] my_field = 3``.
+4. Import the module below (its registration runs on import); optionally name a pair with
+   :func:`register_combo`. Run it: ``ndpmoe run --engine analytic --policies my-policy``.
 """
 
-from policies import drift, eplb, neighbours, prefetch, schedulers  # noqa: F401  (registration side effects)
+# Registration side effects, in this order: it is the order of the policies' knobs in the
+# config's policy section (Config.to_dict(), config.json).
+# isort: off
+from policies import schedulers  # noqa: F401
+from policies import eplb  # noqa: F401
+from policies import prefetch  # noqa: F401
+from policies import neighbours  # noqa: F401
+from policies import drift  # noqa: F401
+# isort: on
 from policies.base import Scheduler, StepInput, tp_bounds
 from policies.plan import ALL_UNITS, GPU, Fetch, Plan, StepTiming, Task, lower_bound_s, time_plan
 from policies.prefetch import ExpertCache, PrefetchContext, Prefetcher

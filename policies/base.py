@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cluster.core.cost import CostModel
-from cluster.core.spec import Config
+from cluster.core.spec import Config, Knobs
 from policies.plan import GPU, Plan, Task, tp_bounds  # noqa: F401  (re-exported)
 
 
@@ -34,12 +35,18 @@ class StepInput:
 
 
 class Scheduler:
-    """Base step scheduler: subclasses implement :meth:`plan`."""
+    """Base step scheduler: subclasses implement :meth:`plan`.
+
+    ``knobs_class``: the scheduler's own settings, set by ``@register(..., knobs=...)``;
+    ``self.knobs`` is the config's instance of it (None without).
+    """
 
     name = "base"
+    knobs_class: type[Knobs] | None = None
 
     def __init__(self, cfg: Config, cost: CostModel) -> None:
         self.cfg = cfg
+        self.knobs: Any = cfg.policy.knobs_of(self.knobs_class) if self.knobs_class else None
         self.cost = cost
         self.num_units = cfg.ndp.num_ndp_units
         self.d_ff = cfg.model.d_ff

@@ -42,7 +42,8 @@ def make_prefetcher(cfg: Config, name: str, routing: Routing) -> Prefetcher:
 
 def policy_cost_config(cfg: Config, *classes: type) -> Config:
     """The config a policy's cost model is built from: ``cfg``, unless one of its classes
-    (scheduler, prefetcher) sets ``uses_ndp_weight_bits`` and ``policy.ndp_weight_bits`` < 16.
+    (scheduler, prefetcher) sets ``uses_ndp_weight_bits`` and the ``ndp_weight_bits`` of its
+    own knobs (``policy.ndp_weight_bits`` for ``context-aware``) is < 16.
 
     Then NDP-side expert weights are read at ``bits / 16`` of their fp16 bytes, modelled as
     an NDP internal bandwidth ``16 / bits`` times higher, so that every user of the cost model
@@ -50,8 +51,9 @@ def policy_cost_config(cfg: Config, *classes: type) -> Config:
     unchanged; the activations an NDP unit reads (``2 * n * d_model`` fp16 values per expert,
     small beside its weights) get the same speed-up: a simplification.
     """
-    bits = cfg.policy.ndp_weight_bits
-    if bits >= 16 or not any(getattr(c, "uses_ndp_weight_bits", False) for c in classes):
+    bits = min((cfg.policy.knobs_of(c.knobs_class).ndp_weight_bits for c in classes
+                if getattr(c, "uses_ndp_weight_bits", False)), default=16)
+    if bits >= 16:
         return cfg
     ndp = dataclasses.replace(cfg.ndp, internal_bw_gbps=cfg.ndp.internal_bw_gbps * 16 / bits)
     return cfg.replace(ndp=ndp)

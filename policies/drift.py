@@ -14,14 +14,29 @@ Pure code: no Ray, no zmq, no clock, no I/O.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
+from cluster.core.spec import Knobs
 from policies.prefetch import Key, PrefetchContext, PrefillFrequency
 from policies.registry import register
 
 
-@register("prefetcher", "decayed-freq")
+@dataclass(frozen=True)
+class DecayedFreqKnobs(Knobs):
+    """``decayed-freq``'s knobs: the half-life of its decayed activation rates (tokens) and
+    the margin, in standard errors, a swap must gain."""
+
+    drift_half_life_tokens: float = 32.0
+    drift_margin: float = 3.0
+
+    def __post_init__(self) -> None:
+        self.positive("drift_half_life_tokens")
+        self.non_negative("drift_margin")
+
+
+@register("prefetcher", "decayed-freq", knobs=DecayedFreqKnobs)
 class DecayedFrequency(PrefillFrequency):
     """prefill-freq, then re-ranked by a decayed decode activation rate (beyond the paper).
 
@@ -51,11 +66,11 @@ class DecayedFrequency(PrefillFrequency):
         L, E = cfg.model.num_layers, cfg.model.num_experts
         self.score = np.zeros((L, E))
         self.cached = np.zeros((L, E), dtype=bool)
-        self.decay = 2.0 ** (-1.0 / cfg.policy.drift_half_life_tokens)
+        self.decay = 2.0 ** (-1.0 / self.knobs.drift_half_life_tokens)
         # tokens an exponentially decayed average effectively counts: its variance is that of
         # a plain mean over (1 + decay) / (1 - decay) tokens
         self.window = (1.0 + self.decay) / (1.0 - self.decay)
-        self.z = cfg.policy.drift_margin
+        self.z = self.knobs.drift_margin
         self.swaps = 0
         # lowest-scored cached expert per layer: a layer's scores change only at its own step
         self.low = np.full(L, np.inf)

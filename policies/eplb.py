@@ -37,9 +37,11 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
+from cluster.core.spec import Knobs
 from policies.base import Scheduler, StepInput
 from policies.plan import Plan, Task
 from policies.registry import register
@@ -345,13 +347,27 @@ def homes_of(slots: np.ndarray, num_experts: int) -> list[list[int]]:
     return homes
 
 
-@register("scheduler", "eplb")
+@dataclass(frozen=True)
+class EplbKnobs(Knobs):
+    """``eplb``'s knobs: redundant slots per unit, re-plan period and load window (steps of a
+    layer)."""
+
+    eplb_redundant_per_unit: int = 1
+    eplb_window_steps: int = 64
+    eplb_period_steps: int = 32
+
+    def __post_init__(self) -> None:
+        self.integers("eplb_redundant_per_unit", minimum=0)
+        self.integers("eplb_window_steps", "eplb_period_steps")
+
+
+@register("scheduler", "eplb", knobs=EplbKnobs)
 class Eplb(Scheduler):
     """DeepSeek EPLB replication of hot experts over NDP units from a moving load window."""
 
     def __init__(self, cfg, cost) -> None:
         super().__init__(cfg, cost)
-        p = cfg.policy
+        p = self.knobs
         self.redundant_per_unit = p.eplb_redundant_per_unit
         self.period = p.eplb_period_steps
         L, E = cfg.model.num_layers, cfg.model.num_experts

@@ -21,9 +21,11 @@ from a ``numpy.random.Generator`` seeded from the config.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
+from cluster.core.spec import Knobs
 from policies.plan import ALL_UNITS, Task, tp_bounds
 from policies.prefetch import Key, PrefetchContext, Prefetcher, PrefillFrequency
 from policies.registry import register
@@ -130,7 +132,23 @@ class MondeTensorParallel(MoNDE):
 
 # --- prefetchers ------------------------------------------------------------------------------
 
-@register("prefetcher", "context-aware")
+@dataclass(frozen=True)
+class ContextAwareKnobs(Knobs):
+    """``context-aware``'s knobs: ``context_alpha`` weighs prefill activation counts against
+    summed router gate weights; ``ndp_weight_bits`` is the bit-width of its NDP-side expert
+    weights (16: fp16, no change)."""
+
+    context_alpha: float = 0.5
+    ndp_weight_bits: int = 16
+
+    def __post_init__(self) -> None:
+        self.fractions("context_alpha")
+        b = self.ndp_weight_bits
+        self.check("ndp_weight_bits", isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 16,
+                   "an integer in 1..16 (16: fp16)")
+
+
+@register("prefetcher", "context-aware", knobs=ContextAwareKnobs)
 class ContextAware(Prefetcher):
     """Context-aware (arXiv 2512.04476): pin the prompt's hot experts by count and gate score.
 
@@ -162,10 +180,23 @@ class ContextAware(Prefetcher):
         if ctx.prefill_ids is None or ctx.prefill_weights is None:
             raise ValueError("the context-aware prefetcher needs the prefill's routing")
         gates = gate_sums(ctx.prefill_ids, ctx.prefill_weights, counts.shape[1])
-        return self._fill_by_rank(context_scores(counts, gates, ctx.cfg.policy.context_alpha))
+        return self._fill_by_rank(context_scores(counts, gates, self.knobs.context_alpha))
 
 
-@register("prefetcher", "od-moe")
+@dataclass(frozen=True)
+class OdMoeKnobs(Knobs):
+    """``od-moe``'s predictor: the share ``odmoe_recall`` of truly active experts it names,
+    ``odmoe_lookahead`` layers ahead."""
+
+    odmoe_recall: float = 0.85
+    odmoe_lookahead: int = 1
+
+    def __post_init__(self) -> None:
+        self.fractions("odmoe_recall")
+        self.integers("odmoe_lookahead")
+
+
+@register("prefetcher", "od-moe", knobs=OdMoeKnobs)
 class OdMoe(Prefetcher):
     """OD-MoE: cacheless on-demand loading of the experts a predictor expects a few layers ahead.
 
@@ -195,8 +226,8 @@ class OdMoe(Prefetcher):
             raise ValueError("the od-moe prefetcher needs the future routing (its predictor's truth)")
         cfg = ctx.cfg
         self.E = cfg.model.num_experts
-        self.recall = cfg.policy.odmoe_recall
-        self.lookahead = min(cfg.policy.odmoe_lookahead, self.num_layers)
+        self.recall = self.knobs.odmoe_recall
+        self.lookahead = min(self.knobs.odmoe_lookahead, self.num_layers)
         per_layer = min(self.E, cfg.workload.batch_size * cfg.model.top_k)
         self.budget = min(self.cache.capacity, self.lookahead * per_layer)
         self.rng = np.random.default_rng([cfg.workload.seed, 0x0D3E])
@@ -237,7 +268,17 @@ class OdMoe(Prefetcher):
         return self._issue(step * self.num_layers + layer + self.lookahead)
 
 
-@register("prefetcher", "expertflow")
+@dataclass(frozen=True)
+class ExpertFlowKnobs(Knobs):
+    """``expertflow``'s bound on its adaptive prefetch horizon (layers)."""
+
+    expertflow_max_horizon: int = 4
+
+    def __post_init__(self) -> None:
+        self.integers("expertflow_max_horizon")
+
+
+@register("prefetcher", "expertflow", knobs=ExpertFlowKnobs)
 class ExpertFlow(Prefetcher):
     """ExpertFlow: predict routing paths from learned transitions; adaptive horizon, LRU cache.
 
@@ -280,7 +321,7 @@ class ExpertFlow(Prefetcher):
         self.depth_occ = np.zeros((L, E))
         self.next_tok = np.zeros((L, E, E))
         self.next_occ = np.zeros((L, E))
-        self.max_h = max(1, min(cfg.policy.expertflow_max_horizon, L))
+        self.max_h = max(1, min(self.knobs.expertflow_max_horizon, L))
         self.h = 1
         self.m = min(E, cfg.workload.batch_size * cfg.model.top_k)
         self.last_pos = (cfg.workload.output_tokens - 1) * L - 1  # last decode position
@@ -407,7 +448,20 @@ class ExpertFlow(Prefetcher):
         return self._predict_ahead(pos)
 
 
-@register("prefetcher", "prefill-freq-refresh")
+@dataclass(frozen=True)
+class RefreshKnobs(Knobs):
+    """``prefill-freq-refresh``: at most ``refresh_max_swaps`` experts brought in every
+    ``refresh_period_steps`` decode tokens."""
+
+    refresh_period_steps: int = 32
+    refresh_max_swaps: int = 16
+
+    def __post_init__(self) -> None:
+        self.integers("refresh_period_steps")
+        self.integers("refresh_max_swaps", minimum=0)
+
+
+@register("prefetcher", "prefill-freq-refresh", knobs=RefreshKnobs)
 class PrefillFreqRefresh(PrefillFrequency):
     """prefill-freq, refreshed from decode counts every few tokens (beyond the paper).
 
@@ -431,8 +485,8 @@ class PrefillFreqRefresh(PrefillFrequency):
         shape = (cfg.model.num_layers, cfg.model.num_experts)
         self.decode = np.zeros(shape, dtype=np.int64)
         self.prefill = np.zeros(shape, dtype=np.int64)
-        self.period = cfg.policy.refresh_period_steps
-        self.max_swaps = cfg.policy.refresh_max_swaps
+        self.period = self.knobs.refresh_period_steps
+        self.max_swaps = self.knobs.refresh_max_swaps
         self.swaps = 0  # experts brought in by refreshes, over the run
 
     def after_prefill(self, counts: np.ndarray) -> list[Key]:

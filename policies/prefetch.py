@@ -18,10 +18,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from cluster.core.spec import Config
+from cluster.core.spec import Config, Knobs
 from policies.registry import register
 
 Key = tuple[int, int]  # (layer, expert)
@@ -98,8 +99,11 @@ class Prefetcher:
     """No prefetching; the cache stays empty. Base class of the others.
 
     Class flags the engines read: ``needs_future``, ``needs_prefill_routing`` and
-    ``needs_calibration`` (fill those :class:`PrefetchContext` fields; see ``policies.build``); ``uses_ndp_weight_bits`` (the policy's NDP-side experts
-    are stored at ``policy.ndp_weight_bits``: its cost model scales their weight bytes).
+    ``needs_calibration`` (fill those :class:`PrefetchContext` fields; see ``policies.build``);
+    ``uses_ndp_weight_bits`` (the policy's NDP-side experts are stored at the
+    ``ndp_weight_bits`` of its own knobs: its cost model scales their weight bytes).
+    ``knobs_class``: the prefetcher's own settings, set by ``@register(..., knobs=...)``;
+    ``self.knobs`` is the config's instance of it (None without).
     """
 
     name = "base"
@@ -107,9 +111,11 @@ class Prefetcher:
     needs_prefill_routing = False
     needs_calibration = False
     uses_ndp_weight_bits = False
+    knobs_class: type[Knobs] | None = None
 
     def __init__(self, ctx: PrefetchContext) -> None:
         self.ctx = ctx
+        self.knobs: Any = ctx.cfg.policy.knobs_of(self.knobs_class) if self.knobs_class else None
         self.cache = ExpertCache(ctx.capacity)
         self.num_layers = ctx.cfg.model.num_layers
 
@@ -148,7 +154,27 @@ class PrefillFrequency(Prefetcher):
         return self._fill_by_rank(counts)
 
 
-@register("prefetcher", "profiled")
+@dataclass(frozen=True)
+class ProfiledKnobs(Knobs):
+    """``profiled``'s calibration trace (:func:`cluster.core.routing.calibration_counts`):
+    ``profile_tokens`` tokens drawn with sampling seed ``profile_seed``; ``profile_alpha``
+    and ``profile_domain_seed`` (-1: the workload's) draw it from another distribution."""
+
+    profile_alpha: float = -1.0
+    profile_seed: int = 1
+    profile_domain_seed: int = -1
+    profile_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        self.integers("profile_tokens")
+        self.integers("profile_seed", minimum=0)
+        self.integers("profile_domain_seed", minimum=-1)
+        a = self.profile_alpha
+        self.check("profile_alpha", isinstance(a, (int, float)) and (a == -1 or 0 <= a <= 10),
+                   "-1 (same as workload.alpha) or a number in 0..10")
+
+
+@register("prefetcher", "profiled", knobs=ProfiledKnobs)
 class Profiled(Prefetcher):
     """Dataset-based: cache the most used experts of a separate calibration trace, preloaded."""
 

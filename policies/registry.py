@@ -4,6 +4,11 @@
 name fails listing the valid ones. A *policy* as users name it on the command line is a
 scheduler plus a prefetcher: a combination registered by name (``paper`` = ``tp-lb`` +
 ``prefill-freq``), a scheduler alone (prefetcher ``none``), or ``SCHEDULER+PREFETCHER``.
+
+A policy with settings of its own registers them with it: ``@register("prefetcher", "od-moe",
+knobs=OdMoeKnobs)``, a frozen :class:`~cluster.core.spec.Knobs` dataclass. Its fields join
+the config's ``policy`` section (``--set policy.odmoe_recall=0.5``), are validated by the
+class, and the policy reads them as ``self.knobs`` (the class is ``cls.knobs_class``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cluster.core.errors import ConfigError
+from cluster.core.spec import Knobs, register_knobs, unregister_knobs
 
 KINDS = ("scheduler", "prefetcher")
 _REGISTRY: dict[str, dict[str, type]] = {k: {} for k in KINDS}
@@ -21,19 +27,30 @@ _COMBOS: dict[str, tuple[str, str, str]] = {}  # name -> (scheduler, prefetcher,
 T = TypeVar("T", bound=type)
 
 
-def register(kind: str, name: str) -> Callable[[T], T]:
-    """Class decorator: registers a scheduler or prefetcher under ``name``."""
+def register(kind: str, name: str, knobs: type[Knobs] | None = None) -> Callable[[T], T]:
+    """Class decorator: registers a scheduler or prefetcher under ``name``, with its own
+    ``knobs`` dataclass if it has settings (without, a subclass keeps its base's knobs)."""
     if kind not in KINDS:
         raise ValueError(f"unknown registry kind {kind!r}: {KINDS}")
 
     def deco(cls: T) -> T:
         if name in _REGISTRY[kind] or (kind == "scheduler" and name in _COMBOS):
             raise ValueError(f"{kind} {name!r} is already registered")
+        if knobs is not None:
+            register_knobs(f"{kind} {name}", knobs)  # checks the class and its field names
+            cls.knobs_class = knobs  # type: ignore[attr-defined]
         cls.name = name  # type: ignore[attr-defined]
         _REGISTRY[kind][name] = cls
         return cls
 
     return deco
+
+
+def unregister(kind: str, name: str) -> None:
+    """Takes a scheduler or prefetcher, and the knobs registered with it, out again (for
+    tests that register a policy of their own)."""
+    _REGISTRY[kind].pop(name, None)
+    unregister_knobs(f"{kind} {name}")
 
 
 def register_combo(name: str, scheduler: str, prefetcher: str, description: str) -> None:

@@ -6,6 +6,9 @@ prefetcher's business); the schedulers differ in where the other experts run.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from cluster.core.spec import LB_SPLITS, Knobs
 from policies.base import Scheduler, StepInput, tp_bounds
 from policies.plan import ALL_UNITS, GPU, Fetch, Plan, Task, time_plan
 from policies.registry import register
@@ -100,7 +103,18 @@ class TensorParallel(Scheduler):
         return Plan(step.layer, tuple(tasks))
 
 
-@register("scheduler", "tp-lb")
+@dataclass(frozen=True)
+class TpLbKnobs(Knobs):
+    """``tp-lb``'s knob: ``lb_split`` ``expert`` (whole experts move to the GPU, the paper)
+    or ``fractional`` (the next expert may also be split by columns, beyond the paper)."""
+
+    lb_split: str = "expert"
+
+    def __post_init__(self) -> None:
+        self.one_of("lb_split", LB_SPLITS)
+
+
+@register("scheduler", "tp-lb", knobs=TpLbKnobs)
 class TensorParallelLoadBalanced(TensorParallel):
     """The paper's load-balancing-aware GPU/NDP split on top of ``tp`` (minimises the makespan).
 
@@ -155,7 +169,7 @@ class TensorParallelLoadBalanced(TensorParallel):
             decided = self._decided[shape] = self._best_prefix(step, cached_tasks, order)
         best, best_span = decided
         plan = self._build(step, cached_tasks, order, best)
-        if (self.cfg.policy.lb_split == "fractional" and best < len(order)
+        if (self.knobs.lb_split == "fractional" and best < len(order)
                 and len(plan.fetches) < self.max_fetch):
             plan = self._fractional(step, plan, best_span, order[best])
         return plan

@@ -19,7 +19,14 @@ from typing import Any
 
 from cluster.core import presets
 from cluster.core.errors import ConfigError
-from cluster.core.spec import SECTIONS, Config, unit_of
+from cluster.core.spec import (
+    SECTIONS,
+    Config,
+    close_matches,
+    knob_classes,
+    policy_field_types,
+    unit_of,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,16 +34,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def _close_matches(name: str, allowed: Iterable[str]) -> str:
-    import difflib
-
-    allowed = sorted(allowed)
-    near = difflib.get_close_matches(name, allowed, n=1)
-    hint = f" (did you mean {near[0]!r}?)" if near else ""
-    return f"{', '.join(allowed)}{hint}"
-
-
 def _field_types(section: str) -> dict[str, type]:
+    """A section's fields and their declared types; ``policy`` has the shared fields and the
+    knobs of every registered policy (:func:`cluster.core.spec.register_knobs`)."""
+    if section == "policy":
+        return policy_field_types()
     cls = SECTIONS[section]
     return {f.name: f.type for f in dataclasses.fields(cls)}
 
@@ -75,14 +77,18 @@ def _merge(base: dict[str, dict[str, Any]], update: Mapping[str, Any], origin: s
             continue
         if section not in SECTIONS:
             raise ConfigError(f"unknown config section {section!r} in {origin}: allowed are "
-                              f"{_close_matches(section, SECTIONS)}")
+                              f"{close_matches(section, SECTIONS)}")
         if not isinstance(fields, Mapping):
             raise ConfigError(f"config section {section!r} in {origin} must be a table of fields")
         allowed = _field_types(section)
         for key, value in fields.items():
             if key not in allowed:
+                hint = ""
+                if section == "policy" and not knob_classes():
+                    hint = ("; each policy's own knobs join the section when the policies "
+                            "package registers them: import policies first")
                 raise ConfigError(f"unknown field {section}.{key} in {origin}: {section} has "
-                                  f"{_close_matches(key, allowed)}")
+                                  f"{close_matches(key, allowed)}{hint}")
             base.setdefault(section, {})[key] = _coerce(section, key, value)
 
 
@@ -236,7 +242,7 @@ def load_config(
         raw.setdefault("system_name", Path(system).stem)
     else:
         raise ConfigError(f"--system {system!r} is neither a preset nor a TOML file: presets are "
-                          f"{_close_matches(system, presets.SYSTEMS)}")
+                          f"{close_matches(system, presets.SYSTEMS)}")
     if model_config is not None:
         if model is not None:
             raise ConfigError("give either --model or --model-config, not both")
@@ -245,7 +251,7 @@ def load_config(
         name = model or presets.DEFAULT_MODEL
         if name not in presets.MODELS:
             raise ConfigError(f"--model {name!r} is not a model preset: presets are "
-                              f"{_close_matches(name, presets.MODELS)}")
+                              f"{close_matches(name, presets.MODELS)}")
         raw["model"] = {}
         _merge(raw, {"model": presets.MODELS[name]}, f"model preset {name!r}")
     for text in overrides:

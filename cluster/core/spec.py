@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from cluster.core.errors import ConfigError
 from cluster.core.faults import Faults, check_against, parse_inject
@@ -319,50 +320,167 @@ class WorkloadSpec:
         return self.prompt_tokens + self.output_tokens
 
 
-LB_SPLITS = ("expert", "fractional")
+LB_SPLITS = ("expert", "fractional")  # policy.lb_split, a knob of tp-lb (policies.schedulers)
+_SHARED_FIELDS = ("expert_cache_bytes", "cache_fraction", "fetch_buffer_experts")
+K = TypeVar("K", bound="Knobs")
+
+
+def close_matches(name: str, allowed: Iterable[str]) -> str:
+    import difflib
+
+    allowed = sorted(allowed)
+    near = difflib.get_close_matches(name, allowed, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return f"{', '.join(allowed)}{hint}"
 
 
 @dataclass(frozen=True)
+class Knobs:
+    """Base of a policy's own knobs: a small frozen dataclass that lives with its policy.
+
+    Registered with the policy (``@register("prefetcher", "od-moe", knobs=OdMoeKnobs)``),
+    its fields are fields of the ``policy`` section like the shared ones: ``[policy]
+    odmoe_recall = 0.5`` in a TOML file, ``--set policy.odmoe_recall=0.5``. Field names are
+    unique over all policies (a clash fails at registration). ``__post_init__`` validates with
+    the helpers below, which fail like every spec: field, value, what is allowed.
+    """
+
+    SECTION: ClassVar[str] = "policy"
+
+    def check(self, name: str, ok: bool, allowed: str) -> None:
+        """Fails with ``policy.<name> = <value> is not allowed: must be <allowed>`` unless ``ok``."""
+        _check(self.SECTION, name, getattr(self, name), ok, allowed)
+
+    def integers(self, *names: str, minimum: int = 1) -> None:
+        _integers(self.SECTION, self, *names, minimum=minimum)
+
+    def positive(self, *names: str) -> None:
+        _positive(self.SECTION, self, *names)
+
+    def non_negative(self, *names: str) -> None:
+        _non_negative(self.SECTION, self, *names)
+
+    def fractions(self, *names: str) -> None:
+        """Each a number in 0..1."""
+        for n in names:
+            v = getattr(self, n)
+            self.check(n, _finite(v) and 0 <= v <= 1, "a number in 0..1")
+
+    def one_of(self, name: str, allowed: tuple[str, ...]) -> None:
+        self.check(name, getattr(self, name) in allowed, f"one of {', '.join(allowed)}")
+
+
+# Every registered knob class by owner (``"prefetcher od-moe"``), in registration order: the
+# order of the knobs in PolicySpec and in Config.to_dict(). Filled by policies.registry.
+_KNOB_OWNERS: dict[str, type[Knobs]] = {}
+
+
+def _knob_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def register_knobs(owner: str, cls: type[Knobs]) -> None:
+    """Registers ``cls`` as the knobs of ``owner``; its fields join the ``policy`` section.
+
+    ``cls`` must be a frozen :class:`Knobs` dataclass whose defaults pass its own checks and
+    whose field names no other policy (nor PolicySpec itself) uses. The same class may serve
+    several owners (a policy and its variant).
+    """
+    if owner in _KNOB_OWNERS:
+        raise ValueError(f"{owner} already has knobs ({_KNOB_OWNERS[owner].__name__})")
+    if not (isinstance(cls, type) and issubclass(cls, Knobs) and dataclasses.is_dataclass(cls)
+            and cls.__dataclass_params__.frozen):  # type: ignore[attr-defined]
+        raise TypeError(f"knobs of {owner} must be a frozen dataclass subclassing "
+                        f"cluster.core.spec.Knobs, not {cls!r}")
+    taken = {n: "PolicySpec" for n in _SHARED_FIELDS}
+    taken.update({n: o for o, c in _KNOB_OWNERS.items() if c is not cls for n in _knob_names(c)})
+    for n in _knob_names(cls):
+        if n in taken:
+            raise ValueError(f"knob policy.{n} of {owner} is already a field of {taken[n]}")
+    cls()  # the defaults must pass the class's own checks
+    _KNOB_OWNERS[owner] = cls
+
+
+def unregister_knobs(owner: str) -> None:
+    """Removes ``owner``'s knobs (tests that register a policy of their own clean up)."""
+    _KNOB_OWNERS.pop(owner, None)
+
+
+def knob_classes() -> tuple[type[Knobs], ...]:
+    """Every registered knob class once, in registration order."""
+    return tuple(dict.fromkeys(_KNOB_OWNERS.values()))
+
+
+def knob_owners() -> dict[str, type[Knobs]]:
+    return dict(_KNOB_OWNERS)
+
+
+def policy_field_types() -> dict[str, Any]:
+    """Every field of the ``policy`` section with its declared type: the shared ones, then
+    every registered policy's knobs."""
+    out = {f.name: f.type for f in dataclasses.fields(PolicySpec) if f.name in _SHARED_FIELDS}
+    for cls in knob_classes():
+        out.update({f.name: f.type for f in dataclasses.fields(cls)})
+    return out
+
+
+@dataclass(frozen=True, init=False)
 class PolicySpec:
-    """Knobs shared by the policies (which policies run is chosen on the command line).
+    """The ``policy`` section: what all policies share, and each registered policy's own knobs.
 
     ``expert_cache_bytes``: GPU memory for cached experts; -1 means what is left after the
     non-expert weights, the KV cache and the on-demand fetch buffer. ``cache_fraction`` scales
     that budget (the prefetch-budget sweep). ``fetch_buffer_experts``: how many experts one
     step may fetch on demand (0: one whole layer, ``num_experts``).
 
-    Neighbour policies (:mod:`policies.neighbours`): ``context_alpha`` weighs prefill
-    activation counts against summed router gate weights in ``context-aware``'s score;
-    ``ndp_weight_bits`` is the bit-width of NDP-side expert weights for the policies that
-    quantise them (16: fp16, no change). ``odmoe_recall`` and ``odmoe_lookahead`` (layers) set
-    ``od-moe``'s predictor; ``expertflow_max_horizon`` bounds ``expertflow``'s adaptive
-    look-ahead (layers). ``prefill-freq-refresh`` swaps at most ``refresh_max_swaps`` cached
-    experts every ``refresh_period_steps`` decode tokens. ``decayed-freq``
-    (:mod:`policies.drift`) decays its activation rates with a half-life of
-    ``drift_half_life_tokens`` and swaps only for a gain above ``drift_margin`` standard errors.
+    ``knobs``: one :class:`Knobs` per registered knob class (each policy documents its own:
+    ``lb_split`` of ``tp-lb``, ``eplb_*`` of ``eplb``, ``profile_*`` of ``profiled``,
+    ``context_alpha`` and ``ndp_weight_bits`` of ``context-aware``, ``odmoe_*``,
+    ``expertflow_max_horizon``, ``refresh_*`` of ``prefill-freq-refresh``, ``drift_*`` of
+    ``decayed-freq``). A knob is given by its own name like a shared field: ``PolicySpec(
+    odmoe_recall=0.5)``, ``dataclasses.replace(spec, odmoe_recall=0.5)``, ``[policy]
+    odmoe_recall = 0.5``; an unknown name fails listing the allowed ones. Policies read their
+    own knobs (``self.knobs``, :meth:`knobs_of`); ``spec.odmoe_recall`` is a read-only flat
+    view of every knob for code below the policies (the ``profiled`` calibration trace in
+    :mod:`cluster.core.routing`) and for reports.
+
+    The knobs take part in equality and hashing, so a config that differs in one knob is
+    another config (memoisation by config sees it).
     """
 
     SECTION: ClassVar[str] = "policy"
     expert_cache_bytes: int = -1
     cache_fraction: float = 1.0
     fetch_buffer_experts: int = 0
-    lb_split: str = "expert"
-    eplb_redundant_per_unit: int = 1
-    eplb_window_steps: int = 64
-    eplb_period_steps: int = 32
-    profile_alpha: float = -1.0
-    profile_seed: int = 1
-    profile_domain_seed: int = -1
-    profile_tokens: int = 2048
-    context_alpha: float = 0.5
-    ndp_weight_bits: int = 16
-    odmoe_recall: float = 0.85
-    odmoe_lookahead: int = 1
-    expertflow_max_horizon: int = 4
-    refresh_period_steps: int = 32
-    refresh_max_swaps: int = 16
-    drift_half_life_tokens: float = 32.0
-    drift_margin: float = 3.0
+    knobs: tuple[Knobs, ...] = ()
+
+    def __init__(self, expert_cache_bytes: int = -1, cache_fraction: float = 1.0,
+                 fetch_buffer_experts: int = 0, knobs: tuple[Knobs, ...] = (),
+                 **knob_values: Any) -> None:
+        s = self.SECTION
+        for k in knobs:
+            if not isinstance(k, Knobs):
+                raise ConfigError(f"{s}.knobs holds {k!r}: must hold policy knob dataclasses")
+        have = {type(k): k for k in knobs}
+        # one instance per registered class, in registration order; unregistered ones kept
+        full = {c: have.pop(c, None) or c() for c in knob_classes()}
+        full.update(have)
+        if knob_values:
+            owner_of = {n: c for c in full for n in _knob_names(c)}
+            changes: dict[type, dict[str, Any]] = {}
+            for n, v in knob_values.items():
+                if n not in owner_of:
+                    raise ConfigError(f"unknown field {s}.{n}: {s} has "
+                                      f"{close_matches(n, policy_field_types())}")
+                changes.setdefault(owner_of[n], {})[n] = v
+            for c, ch in changes.items():
+                full[c] = dataclasses.replace(full[c], **ch)
+        set_ = object.__setattr__
+        set_(self, "expert_cache_bytes", expert_cache_bytes)
+        set_(self, "cache_fraction", cache_fraction)
+        set_(self, "fetch_buffer_experts", fetch_buffer_experts)
+        set_(self, "knobs", tuple(full.values()))
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -372,25 +490,31 @@ class PolicySpec:
         _check(s, "cache_fraction", self.cache_fraction,
                isinstance(self.cache_fraction, (int, float)) and 0 <= self.cache_fraction <= 1,
                "a number in 0..1")
-        _integers(s, self, "fetch_buffer_experts", "eplb_redundant_per_unit", minimum=0)
-        _integers(s, self, "eplb_window_steps", "eplb_period_steps", "profile_tokens")
-        _integers(s, self, "profile_seed", minimum=0)
-        _integers(s, self, "profile_domain_seed", minimum=-1)
-        _check(s, "lb_split", self.lb_split, self.lb_split in LB_SPLITS, f"one of {', '.join(LB_SPLITS)}")
-        _check(s, "profile_alpha", self.profile_alpha,
-               isinstance(self.profile_alpha, (int, float)) and (self.profile_alpha == -1 or 0 <= self.profile_alpha <= 10),
-               "-1 (same as workload.alpha) or a number in 0..10")
-        for name in ("context_alpha", "odmoe_recall"):
-            v = getattr(self, name)
-            _check(s, name, v, isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
-                   "a number in 0..1")
-        _check(s, "ndp_weight_bits", self.ndp_weight_bits,
-               isinstance(self.ndp_weight_bits, int) and not isinstance(self.ndp_weight_bits, bool)
-               and 1 <= self.ndp_weight_bits <= 16, "an integer in 1..16 (16: fp16)")
-        _integers(s, self, "odmoe_lookahead", "expertflow_max_horizon", "refresh_period_steps")
-        _integers(s, self, "refresh_max_swaps", minimum=0)
-        _positive(s, self, "drift_half_life_tokens")
-        _non_negative(s, self, "drift_margin")
+        _integers(s, self, "fetch_buffer_experts", minimum=0)
+
+    def knobs_of(self, cls: type[K]) -> K:
+        """This spec's instance of the knob class ``cls`` (its defaults if ``cls`` was
+        registered after the spec was made)."""
+        for k in self.knobs:
+            if type(k) is cls:
+                return k
+        return cls()
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached when normal lookup fails: a knob by its flat name, read-only
+        if not name.startswith("_"):
+            for k in self.__dict__.get("knobs", ()):
+                if name in k.__dataclass_fields__:
+                    return getattr(k, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no field or policy knob {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The shared fields, then every knob by its own name (the section as a TOML file
+        writes it; ``PolicySpec(**spec.to_dict()) == spec``)."""
+        out: dict[str, Any] = {n: getattr(self, n) for n in _SHARED_FIELDS}
+        for k in self.knobs:
+            out.update(dataclasses.asdict(k))
+        return out
 
 
 @dataclass(frozen=True)
@@ -492,7 +616,10 @@ class Config:
         check_fits(self)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every section as plain values; the policy's knobs flat, by their own names."""
+        out = dataclasses.asdict(self)
+        out["policy"] = self.policy.to_dict()
+        return out
 
     def replace(self, **sections: Any) -> Config:
         return dataclasses.replace(self, **sections)
