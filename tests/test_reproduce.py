@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import policies
 from cluster.cli import main
 from cluster.studies import reproduce as R
+from cluster.studies.reproduce import common, headline, prefetchers, sensitivity, spot_check
+from cluster.studies.reproduce.run import jobs_of, ray_ready
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUICK_MODELS = R.QUICK["models"]
@@ -49,8 +52,8 @@ def test_quick_run_writes_the_report_the_tables_and_the_figures(quick_run) -> No
 
 def test_headline_csv_has_every_model_unit_and_policy_with_a_positive_speedup(quick_run) -> None:
     rows = _csv(quick_run / "headline.csv")
-    models = (*QUICK_MODELS, *R.CONTRAST_MODELS)
-    want = {(m, str(n), p) for m in models for n in QUICK_UNITS for p in R.HEADLINE_POLICIES}
+    models = (*QUICK_MODELS, *common.CONTRAST_MODELS)
+    want = {(m, str(n), p) for m in models for n in QUICK_UNITS for p in headline.HEADLINE_POLICIES}
     assert {(r["model"], r["units"], r["policy"]) for r in rows} == want
     assert len(rows) == len(want)
     for r in rows:
@@ -96,9 +99,9 @@ def test_prefetchers_include_the_shifted_calibration_and_registered_neighbours(q
     rows = _csv(quick_run / "prefetchers.csv")
     variants = {r["variant"] for r in rows}
     ran = {r["policy"] for r in rows}
-    assert {f"tp-lb+{p}" for p in R.PREFETCHERS} <= variants
-    assert {R.PROFILED_OTHER, R.PROFILED_FLAT} <= variants
-    for name in R.NEIGHBOURS:
+    assert {f"tp-lb+{p}" for p in prefetchers.PREFETCHERS} <= variants
+    assert {prefetchers.PROFILED_OTHER, prefetchers.PROFILED_FLAT} <= variants
+    for name in prefetchers.NEIGHBOURS:
         registered = name in policies.all_policy_names() or name in policies.names("prefetcher")
         assert registered == bool({name, f"tp-lb+{name}"} & ran), name
 
@@ -107,7 +110,7 @@ def test_sensitivity_has_a_base_row_and_both_directions_of_each_scaled_assumptio
     rows = _csv(quick_run / "sensitivity.csv")
     assert sum(r["assumption"] == "base" for r in rows) == 1
     keys = [r["key"] for r in rows if r["assumption"] != "base"]
-    for v in R.SENSITIVITY:
+    for v in sensitivity.SENSITIVITY:
         assert keys.count(v.key) == len(v.values), v.key
     for r in rows:
         s = float(r["speedup_paper_vs_monde"])
@@ -118,7 +121,7 @@ def test_sensitivity_has_a_base_row_and_both_directions_of_each_scaled_assumptio
 def test_equal_configs_run_once() -> None:
     opts = R.options(quick=True, workers=1)
     cases = R.all_cases(opts)
-    jobs = R.jobs_of(cases)
+    jobs = jobs_of(cases)
     pairs = {(c.cfg, c.policy) for c in cases}
     assert sum(len(j.policies) for j in jobs) == len(pairs) < len(cases)
     assert len({j.cfg for j in jobs}) == len(jobs)
@@ -129,7 +132,7 @@ def test_headline_stats_average_only_the_paper_models() -> None:
             {"model": "a", "units": 4, "policy": "paper", "in_average": True, "speedup_vs_monde": 3.0},
             {"model": "c", "units": 2, "policy": "paper", "in_average": False, "speedup_vs_monde": 9.0},
             {"model": "a", "units": 2, "policy": "tp", "in_average": True, "speedup_vs_monde": 5.0}]
-    st = R.headline_stats(rows)
+    st = headline.headline_stats(rows)
     assert st == {"points": 2, "avg": 2.5, "max": 3.0, "min": 2.0, "argmax": ("a", 4)}
 
 
@@ -156,8 +159,8 @@ def test_spot_check_is_reported_beside_the_analytic_numbers(tmp_path, monkeypatc
     import cluster.studies.runner
 
     def fake_run(cfg, names, engine, out, **kw):
-        assert engine == "emulate" and cfg.ndp.num_ndp_units == R.SPOT_CHECK["units"]
-        assert cfg.workload.output_tokens == R.SPOT_CHECK["output_tokens"]
+        assert engine == "emulate" and cfg.ndp.num_ndp_units == spot_check.SPOT_CHECK["units"]
+        assert cfg.workload.output_tokens == spot_check.SPOT_CHECK["output_tokens"]
         lat = {"monde": (2.0, 2.02), "paper": (1.0, 0.99)}  # (analytic, emulated)
         summaries = {n: {"analytic_e2e_latency_s": a, "emulated_e2e_latency_s": e,
                          "fidelity_error": abs(e - a) / a,
@@ -165,7 +168,8 @@ def test_spot_check_is_reported_beside_the_analytic_numbers(tmp_path, monkeypatc
                          "dilation": 50.0, "overruns": 3, "device_slots": {"gpu": 40, "ndp0": 60},
                          "emulator_floor": {"control_path_emulated_us": 7.5}}
                      for n, (a, e) in lat.items()}
-        return cluster.studies.runner.RunResult(Path(out), summaries, [])
+        # what spot_check reads of runner.run's result: its summaries and run directory
+        return SimpleNamespace(summaries=summaries, run_dir=Path(out))
 
     monkeypatch.setattr(cluster.studies.runner, "run", fake_run)
     opts = R.options(quick=True, models=["mixtral-8x7b"], units=[2], contrast_models=[],
@@ -193,7 +197,7 @@ def test_points_run_as_ray_tasks_when_ray_is_up_and_give_the_same_tables(tmp_pat
                                   workers=1), tmp_path / "local", progress=False)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        assert R._ray_ready()
+        assert ray_ready()
         remote = R.reproduce(opts, tmp_path / "ray", progress=False)
     finally:
         ray.shutdown()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cluster.studies import reproduce as R
-from cluster.studies import reproduce_routing as RR
+from cluster.studies.reproduce import routing as RR
+from cluster.studies.reproduce.run import jobs_of
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_stationary_cases_run_in_the_headline_jobs(quick_cases) -> None:
     stationary = {c.cfg for c in cases if c.study == "routing_headline"
                   and c.labels["routing"] == RR.STATIONARY}
     assert stationary <= headline_cfgs
-    jobs = R.jobs_of(cases)
+    jobs = jobs_of(cases)
     assert len({j.cfg for j in jobs}) == len(jobs)
 
 
@@ -70,10 +71,10 @@ def test_section_says_whether_the_goal_was_met() -> None:
     cfg = load_config("edge-rtx5080-ndp4", "qwen3-30b-a3b", None, [])
     met = {"routing_headline": _rows(5.0, 4.4, 4.0) + _rows(4.0, 4.0, 3.9, RR.STATIONARY)}
     RR.derive(met)
-    assert "goal met" in "\n".join(RR.section(met, cfg))
+    assert "goal met" in "\n".join(RR.section_lines(met, cfg))
     missed = {"routing_headline": _rows(5.0, 4.9, 4.0) + _rows(4.0, 4.1, 3.9, RR.STATIONARY)}
     RR.derive(missed)
-    assert "goal missed" in "\n".join(RR.section(missed, cfg))
+    assert "goal missed" in "\n".join(RR.section_lines(missed, cfg))
 
 
 def test_odmoe_numbers_compare_one_fetch_with_the_ndp_slice_it_saves() -> None:

@@ -1,8 +1,5 @@
-"""``ndpmoe reproduce``'s routing studies (issue 14): the headline on real-like routing, the
-drift-aware policy against ``paper`` and the oracle, and when ``od-moe`` pays.
-
-Studies, as ``(study, labels, config, policy)`` specs that :mod:`cluster.studies.reproduce` turns into
-its cases (this module imports neither it nor its report, so that there is no import circle):
+"""Study 8, ``routing`` (issue 14): the headline on real-like routing, the drift-aware policy
+against ``paper`` and the oracle, and when ``od-moe`` pays. Two tables:
 
 - ``routing_headline``: speedup over ``monde`` of ``paper``, ``paper-drift`` and
   ``tp-lb+oracle`` for the headline's models x NDP units, on the stationary synthetic routing
@@ -11,18 +8,20 @@ its cases (this module imports neither it nor its report, so that there is no im
 - ``odmoe_link``: ``tp-lb``, ``paper`` and ``od-moe`` on the focus model and units over
   :data:`LINK_FACTORS` times the host link's bandwidth.
 
-:func:`derive` adds each study's derived columns to the tables; :func:`figures` and
-:func:`section` draw and write them from the rows alone.
+Its markdown tables use their own ``|---|`` rule and ``-`` for undefined numbers (see
+:func:`_table`, :func:`_x`), unlike the other studies' ``common.md_table``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cluster.studies.reproduce.common import Case, Configs, Options, Outcome, Study, Tables
 
 STATIONARY = "synthetic"
 REAL_LIKE = "qwen15-like"
@@ -44,36 +43,34 @@ CSV_COLUMNS = {
                    "fetch_gb", "output_tokens"),
 }
 
-Spec = tuple[str, dict[str, Any], Any, str]  # (study, labels, config, policy)
 
 
-def case_specs(opts: Any, load: Callable[..., Any]) -> list[Spec]:
-    """The studies' cases. ``opts``: :class:`cluster.studies.reproduce.Options`; ``load(units, model,
-    *overrides)`` and ``load.sweep(...)``: its config loader."""
-    out: list[Spec] = []
+def cases(opts: Options, load: Configs) -> list[Case]:
+    """The cases of both tables."""
+    out: list[Case] = []
     for routing in (STATIONARY, REAL_LIKE):
         extra = () if routing == STATIONARY else (f"workload.routing={routing}",)
         for model in opts.models:
             for n in opts.units:
                 cfg = load(n, model, *extra)
                 pols = STATIONARY_POLICIES if routing == STATIONARY else ROUTING_POLICIES
-                out += [("routing_headline", {"routing": routing, "model": model, "units": n},
-                         cfg, p) for p in pols]
+                out += [Case("routing_headline", {"routing": routing, "model": model, "units": n},
+                              cfg, p) for p in pols]
     n = opts.focus_units
     for model in opts.models:
         cfg = load(n, model, f"workload.routing={SECOND_PRESET}")
-        out += [("routing_headline", {"routing": SECOND_PRESET, "model": model, "units": n},
-                 cfg, p) for p in ROUTING_POLICIES]
+        out += [Case("routing_headline", {"routing": SECOND_PRESET, "model": model, "units": n},
+                     cfg, p) for p in ROUTING_POLICIES]
     base = load.sweep(n, opts.focus_model)
     for f in LINK_FACTORS:
         cfg = base if f == 1 else load.sweep(n, opts.focus_model,
                                              f"link.bw_gbps={base.link.bw_gbps * f!r}")
-        out += [("odmoe_link", {"model": opts.focus_model, "units": n, "link_factor": f,
-                                "link_gbps": cfg.link.bw_gbps}, cfg, p) for p in ODMOE_POLICIES]
+        out += [Case("odmoe_link", {"model": opts.focus_model, "units": n, "link_factor": f,
+                                    "link_gbps": cfg.link.bw_gbps}, cfg, p) for p in ODMOE_POLICIES]
     return out
 
 
-def derive(tables: dict[str, list[dict[str, Any]]]) -> None:
+def derive(tables: Tables, opts: Options | None = None) -> None:
     """Speedups, gains and the share of the paper-to-oracle gap closed, in place."""
     rows = tables.get("routing_headline", [])
     lat = {(r["routing"], r["model"], r["units"], r["policy"]): r["e2e_latency_s"] for r in rows}
@@ -135,8 +132,7 @@ def summary(rows: Sequence[dict[str, Any]], routing: str) -> dict[str, Any]:
 
 # --- figure ----------------------------------------------------------------------------------
 
-def figures(run_dir: Path, tables: dict[str, list[dict[str, Any]]], models: Sequence[str]
-            ) -> list[Path]:
+def plot_routing(run_dir: Path, tables: Tables, models: Sequence[str]) -> list[Path]:
     rows = tables.get("routing_headline")
     if not rows:
         return []
@@ -197,7 +193,7 @@ def odmoe_numbers(cfg: Any) -> dict[str, float]:
             "expert_mb": cfg.model.expert_bytes / 1e6}
 
 
-def section(tables: dict[str, list[dict[str, Any]]], focus_cfg: Any) -> list[str]:
+def section_lines(tables: Tables, focus_cfg: Any) -> list[str]:
     """The report's section on routing (markdown lines)."""
     rows = tables.get("routing_headline")
     if not rows:
@@ -256,3 +252,15 @@ def section(tables: dict[str, list[dict[str, Any]]], focus_cfg: Any) -> list[str
                 "od-moe's fetches help only once the link is about "
                 f"{math.ceil(ratio)}x faster.", ""]
     return out
+
+
+def figures(o: Outcome, opts: Options) -> list[Path]:
+    return plot_routing(o.run_dir, o.tables, opts.models)
+
+
+def section(o: Outcome, opts: Options, cfg: Any) -> list[str]:
+    return section_lines(o.tables, cfg)
+
+
+STUDY = Study("routing", cases=cases, derive=derive, csvs=CSV_COLUMNS, figures=figures,
+              section=section)
