@@ -19,17 +19,16 @@ Service discipline (DESIGN.md section 5), the same one the analytic engine assum
 - preemption is exact and event-driven: :class:`LinkSchedule` keeps each transfer's remaining
   service and re-plans the queue only when something arrives, is cancelled, or is upgraded.
 
-:class:`LinkSchedule` is the pure queueing core (wall seconds in, completion times out; the
-tests drive it directly); :class:`LinkServer` runs it on a transport and a real clock.
+:class:`LinkSchedule` (:mod:`actors.link_schedule`) is the pure queueing core (wall seconds
+in, completion times out; the tests drive it directly); :class:`HostLink` handles the link's
+messages around it and :class:`LinkServer` runs it on a transport and a real clock.
 Stamps are wall seconds in the run's reference timebase (the scheduler's clock; devices on
 other hosts correct by their measured offset).
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import heapq
 import itertools
 import math
 import threading
@@ -41,273 +40,20 @@ import numpy as np
 
 from actors import wire
 from actors.clock import wall_now
+from actors.link_schedule import (
+    CLASS_FETCH,
+    CLASS_OF,
+    CLASS_PREFETCH,
+    KINDS,
+    LinkSchedule,
+    Transfer,
+)
+from actors.peers import GPU_PEER, SCHED_PEER, is_device
 from actors.transport import Refusals, Transport
 from cluster.core.errors import EmulationError, ProtocolError
 
-CLASS_STEP = 0  # activations and partial outputs
-CLASS_FETCH = 1  # on-demand expert weights
-CLASS_PREFETCH = 2  # background expert weights (lowest) -- or CLASS_FETCH when "equal"
-KINDS = ("activation", "partial", "fetch", "prefetch")
-_CLASS_OF = {"activation": CLASS_STEP, "partial": CLASS_STEP, "fetch": CLASS_FETCH,
-             "prefetch": CLASS_PREFETCH}  # prefetch: see HostLink.prefetch_class
-LINK_PEER = b"link"
-EPS_S = 1e-9  # wall seconds: a transfer owing less than this is complete
 MAX_INTERVALS = 100_000  # served segments kept for the trace, per run
 BATCH = 16  # messages the link takes in between two looks at what is due
-
-
-@dataclass(slots=True)
-class Transfer:
-    """One message on the link. ``remaining_s`` is wall seconds of service still owed."""
-
-    xid: int
-    kind: str
-    cls: int
-    arrive_s: float
-    order: int
-    recv_seq: int
-    remaining_s: float
-    true_bytes: int
-    dst: bytes = b""
-    frames: list[Any] = field(default_factory=list)
-    seq: int = -1  # the MoE step it belongs to (-1: background)
-    served: list[tuple[float, float]] = field(default_factory=list)
-    src: bytes = b""  # the device that handed it over
-    decoded: Any = None  # its header as the link decoded it (re-packed with the new stamp)
-    label: str = ""  # its name on the trace's link track (default: its kind)
-    windowed: bool = False  # a prefetch under its unit's credit window
-    pid: int | None = None  # the scheduler's id for it (prefetches, fetches)
-    upgraded: bool = False  # a prefetch turned on-demand fetch
-    done_s: float = math.nan  # its completion, once popped
-
-    def key(self) -> tuple:
-        return (self.cls, self.arrive_s, self.order, self.recv_seq)
-
-
-class LinkSchedule:
-    """Preemptive-priority single server over wall time, re-planned from stamps.
-
-    ``base_s`` is the time up to which service is committed: every transfer's ``remaining_s``
-    is owed from then on. Transfers that have arrived by ``base_s`` wait in a heap by priority
-    (lazily cleaned: a cancelled or re-keyed entry is skipped when it surfaces); later ones in
-    a list by arrival. The next completion involves only the heap's top and the later
-    arrivals that may preempt it -- every other waiting transfer has a lower priority than the
-    top and cannot run before it is done -- so a backlog of a thousand prefetches costs each
-    event O(log n), not O(n). :meth:`commit` moves ``base_s`` forward (never past the next
-    completion), :meth:`pop_due` hands over the next completion.
-    """
-
-    def __init__(self, base_s: float = 0.0) -> None:
-        self.base_s = base_s
-        self.pending: dict[int, Transfer] = {}
-        self.late_arrivals = 0
-        self.late_total_s = 0.0
-        self._recv = itertools.count()
-        self._heap: list[tuple[tuple, int]] = []  # (key, xid) of arrived transfers
-        self._future: list[tuple[float, tuple, int]] = []  # (arrive, key, xid), sorted
-        self._plan: tuple[float, int] | None = None  # the next completion, cached
-
-    # --- filing -----------------------------------------------------------------------------
-    def _file(self, t: Transfer) -> None:
-        if t.arrive_s <= self.base_s:
-            heapq.heappush(self._heap, (t.key(), t.xid))
-        else:
-            bisect.insort(self._future, (t.arrive_s, t.key(), t.xid))
-        self._plan = None
-
-    def _top(self) -> Transfer | None:
-        """The arrived transfer first in priority (stale heap entries dropped on the way)."""
-        h = self._heap
-        while h:
-            key, xid = h[0]
-            t = self.pending.get(xid)
-            if t is not None and t.key() == key and t.arrive_s <= self.base_s:
-                return t
-            heapq.heappop(h)
-        return None
-
-    def _futures(self) -> list[Transfer]:
-        out = []
-        for arrive, key, xid in self._future:
-            t = self.pending.get(xid)
-            if t is not None and t.key() == key and t.arrive_s == arrive:
-                out.append(t)
-        return out
-
-    # --- changes --------------------------------------------------------------------------
-    def add(self, t: Transfer) -> None:
-        t.recv_seq = next(self._recv)
-        if t.arrive_s < self.base_s:  # older than a delivery already made: it cannot go back
-            self.late_arrivals += 1
-            self.late_total_s += self.base_s - t.arrive_s
-            t.arrive_s = self.base_s
-        self.pending[t.xid] = t
-        self._file(t)
-
-    def cancel(self, xid: int, at_s: float) -> Transfer | None:
-        """Drops a transfer from ``at_s`` on (its service so far is wasted)."""
-        if xid not in self.pending:
-            return None
-        self.commit(max(at_s, self.base_s))
-        self._plan = None
-        return self.pending.pop(xid)  # its heap or list entry is stale from now on
-
-    def upgrade(self, xid: int, cls: int, at_s: float, order: int = -1) -> bool:
-        """Moves a queued transfer into class ``cls`` from ``at_s`` on, keeping what it has
-        already been served (an on-demand fetch of an expert whose prefetch is in flight)."""
-        t = self.pending.get(xid)
-        if t is None or t.cls < cls:
-            return False
-        self.commit(max(at_s, self.base_s))
-        t.cls = cls
-        t.upgraded = True
-        t.arrive_s = max(t.arrive_s, self.base_s if at_s <= self.base_s else at_s)
-        t.order = order  # its place among this step's fetches (the plan's order)
-        self._file(t)
-        return True
-
-    # --- planning ---------------------------------------------------------------------------
-    def _sim(self, until: float | None) -> tuple[float, int] | None:
-        """Serves from ``base_s``: the heap's top and the later arrivals, by priority.
-
-        Without ``until``: the first completion ``(time, xid)``, changing nothing. With
-        ``until`` (no later than that completion): serves up to it for real, recording the
-        served segments and what each transfer still owes.
-        """
-        t = self.base_s
-        top = self._top()
-        future = self._futures()
-        active: list[tuple[tuple, int]] = [] if top is None else [(top.key(), top.xid)]
-        rem: dict[int, float] = {}
-        fi = 0
-        while True:
-            if not active:
-                if fi >= len(future):
-                    break
-                nxt = future[fi].arrive_s
-                if until is not None and nxt >= until:
-                    break
-                t = nxt
-                while fi < len(future) and future[fi].arrive_s <= t:
-                    heapq.heappush(active, (future[fi].key(), future[fi].xid))
-                    fi += 1
-                continue
-            xid = active[0][1]
-            r = rem.get(xid, self.pending[xid].remaining_s)
-            if r < EPS_S:  # below what t + r can resolve: done
-                r = 0.0
-            nxt_arr = future[fi].arrive_s if fi < len(future) else math.inf
-            finish = t + r
-            if until is None and finish <= nxt_arr:
-                return finish, xid
-            stop = min(finish, nxt_arr) if until is None else min(finish, nxt_arr, until)
-            if until is not None and stop > t:
-                sv = self.pending[xid].served
-                if sv and sv[-1][1] == t:  # a commit boundary, not a preemption: one segment
-                    sv[-1] = (sv[-1][0], stop)
-                else:
-                    sv.append((t, stop))
-            rem[xid] = r - (stop - t) if finish > stop else 0.0
-            t = stop
-            if until is not None and t >= until:
-                break
-            if rem[xid] <= 0:
-                heapq.heappop(active)
-            while fi < len(future) and future[fi].arrive_s <= t:
-                heapq.heappush(active, (future[fi].key(), future[fi].xid))
-                fi += 1
-        if until is None:
-            return None
-        for xid, r in rem.items():
-            self.pending[xid].remaining_s = max(0.0, r)
-        self.base_s = max(self.base_s, until)
-        # arrivals now in the past join the heap
-        while self._future and self._future[0][0] <= self.base_s:
-            arrive, key, xid = self._future.pop(0)
-            tr = self.pending.get(xid)
-            if tr is not None and tr.key() == key and tr.arrive_s == arrive:
-                heapq.heappush(self._heap, (key, xid))
-        return None
-
-    def next_due(self) -> tuple[float, int] | None:
-        """(completion wall time, transfer id) of the transfer that completes first."""
-        if self._plan is None:
-            self._plan = self._sim(None) or (math.inf, -1)
-        return None if self._plan[1] < 0 else self._plan
-
-    def next_due_s(self) -> float:
-        nd = self.next_due()
-        return nd[0] if nd else math.inf
-
-    def commit(self, until_s: float) -> None:
-        """Serves the queue up to ``until_s``, or up to the next completion if that is sooner
-        (a change stamped later than a completion not yet delivered applies at it)."""
-        nd = self.next_due()
-        if nd is not None:
-            until_s = min(until_s, nd[0])
-        if until_s <= self.base_s:
-            return
-        self._sim(until_s)
-        self._plan = None
-
-    def pop_due(self, now_s: float) -> Transfer | None:
-        """The transfer that completes first, if that is no later than ``now_s``; its
-        completion becomes ``base_s``."""
-        if len(self.pending) == 1:
-            return self._pop_only(now_s)
-        nd = self.next_due()
-        if nd is None or nd[0] > now_s:
-            return None
-        done_s, xid = nd
-        self.commit(done_s)
-        t = self.pending.pop(xid)
-        if t.remaining_s > 1e-12:  # the commit ended exactly at its completion
-            a = done_s - t.remaining_s
-            if t.served and t.served[-1][1] == a:
-                t.served[-1] = (t.served[-1][0], done_s)
-            else:
-                t.served.append((a, done_s))
-        t.remaining_s = 0.0
-        self._plan = None
-        t.done_s = done_s
-        return t
-
-    def _pop_only(self, now_s: float) -> Transfer | None:
-        """:meth:`pop_due` when one transfer is pending (the usual case between a step's
-        traffic and the next): it is served alone from ``max(base, its arrival)``, so its
-        completion is known without simulating -- the same segments, stamps and ``base_s``
-        as the general path, for a fraction of its cost per message."""
-        ((xid, t),) = self.pending.items()
-        start = max(self.base_s, t.arrive_s)
-        done = start + (t.remaining_s if t.remaining_s >= EPS_S else 0.0)
-        self._plan = (done, xid)
-        if done > now_s:
-            return None
-        if done > start:
-            sv = t.served
-            if sv and sv[-1][1] == start:
-                sv[-1] = (sv[-1][0], done)
-            else:
-                sv.append((start, done))
-        del self.pending[xid]
-        self._heap.clear()  # every entry left is stale now
-        self._future.clear()
-        self.base_s = max(self.base_s, done)
-        self._plan = None
-        t.remaining_s = 0.0
-        t.done_s = done
-        return t
-
-    def plan(self) -> list[tuple[float, int]]:
-        """Every pending transfer's completion if nothing else arrives (for tests; it
-        replays :meth:`pop_due` on a copy)."""
-        import copy
-
-        twin = copy.deepcopy(self)
-        out = []
-        while (t := twin.pop_due(math.inf)) is not None:
-            out.append((t.done_s, t.xid))
-        return out
 
 
 @dataclass
@@ -369,7 +115,7 @@ class HostLink:
     def now(self) -> float:
         """The run's clock: wall time in the run's timebase less the time the run was paused
         (frozen while it is: the scheduler pauses the link with every device while it repairs
-        a fault it injected, ``actors.scheduler.World``)."""
+        a fault it injected, ``actors.world.World``)."""
         if self.frozen_s is not None:
             return self.frozen_s
         return wall_now() + self.offset_s - self.shift_s
@@ -394,7 +140,7 @@ class HostLink:
             kind = f["kind"]
             if kind not in KINDS:
                 raise ProtocolError(f"link: unknown transfer kind {kind!r}")
-            cls = self.prefetch_class if kind == "prefetch" else _CLASS_OF[kind]
+            cls = self.prefetch_class if kind == "prefetch" else CLASS_OF[kind]
             nbytes = int(f["true_bytes"])
             tr = Transfer(next(self._xids), kind, cls, float(f["at_s"]), int(f.get("order", 0)), 0,
                           0.0 if self.bypass else self.service_s(nbytes), nbytes,
@@ -500,16 +246,11 @@ def _restamp(frames: list[Any], at_s: float, decoded: wire.Message | None = None
     return wire.restamp(frames, {"at_s": at_s}, decoded)
 
 
-SCHED_NAME = b"sched"
 # what each kind of peer may send the link; transfers also by kind and destination
 _SCHED_SENDS = frozenset({"task", "cmd", "ping", "shutdown", "error"})
 _DEVICE_SENDS = frozenset({"data", "error", "ping"})  # ping: a (re)started device's first word
 _SENT_BY_GPU = frozenset({"activation"})  # to a unit
 _SENT_BY_UNIT = frozenset({"partial", "fetch", "prefetch"})  # to the GPU
-
-
-def _is_device(name: bytes) -> bool:
-    return name == b"gpu" or (name.startswith(b"ndp") and name[3:].isdigit())
 
 
 class LinkServer:
@@ -543,11 +284,11 @@ class LinkServer:
         self._thread: threading.Thread | None = None
 
     def _known_device(self, name: bytes) -> bool:
-        return name in self.devices if self.devices is not None else _is_device(name)
+        return name in self.devices if self.devices is not None else is_device(name)
 
     def _check(self, peer: bytes, msg: wire.Message) -> None:
         """Raises ProtocolError unless ``peer`` may send ``msg``."""
-        if peer == SCHED_NAME:
+        if peer == SCHED_PEER:
             if msg.type not in _SCHED_SENDS:
                 raise ProtocolError(f"{msg.type!r} is not a message the scheduler sends the link")
             return
@@ -558,10 +299,10 @@ class LinkServer:
         f = msg.fields
         kind, dst = f["kind"], f.get("dst")
         dst_b = dst.encode() if isinstance(dst, str) else b""
-        gpu = peer == b"gpu"
+        gpu = peer == GPU_PEER
         if kind not in (_SENT_BY_GPU if gpu else _SENT_BY_UNIT):
             raise ProtocolError(f"{peer.decode()} may not send {kind!r} transfers")
-        if not (self._known_device(dst_b) and (dst_b != b"gpu") == gpu):
+        if not (self._known_device(dst_b) and (dst_b != GPU_PEER) == gpu):
             raise ProtocolError(f"{peer.decode()} may not send a {kind!r} to {dst!r}")
         nbytes = f.get("true_bytes")
         if type(nbytes) is not int or nbytes < 0:
@@ -588,7 +329,7 @@ class LinkServer:
 
     def _handle(self, peer: bytes, frames: list) -> bool:
         """One message; True for ``shutdown``."""
-        if peer != SCHED_NAME and not self._known_device(peer):
+        if peer != SCHED_PEER and not self._known_device(peer):
             self.refusals.add(peer, "unknown peer")  # not a peer of this run: no answer
             return False
         try:
@@ -658,4 +399,3 @@ class LinkServer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
-

@@ -13,8 +13,8 @@ Round trip, scheduler -> device -> scheduler:
                    frame, ``copy=False``, ``unpackb`` + ``np.frombuffer`` on both ends, no
                    validation;
 - ``ndpmoe``       the project's dispatch path, in its real topology: the scheduler's
-                   :class:`actors.scheduler.Dispatcher` on a bound ``ZmqRouter`` calls a device
-                   actor's :class:`actors.devices.DeviceServer` loop on a ``ZmqDealer`` (an echo
+                   :class:`actors.dispatcher.Dispatcher` on a bound ``ZmqRouter`` calls a device
+                   actor's :class:`actors.device_server.DeviceServer` loop on a ``ZmqDealer`` (an echo
                    device): ``wire.encode`` task + array frame, send, recv, ``wire.decode``,
                    handle, ``wire.encode`` the result with the array, back, ``wire.decode``;
 - ``ndpmoe-curve`` the same with CURVE on the socket pair (``emulate.curve``, the default).
@@ -63,9 +63,10 @@ from rich.console import Console
 from rich.table import Table
 
 from actors.clock import wall_now
-from actors.scheduler import Dispatcher
-from actors.transport import CurveKeys, ZmqDealer, ZmqRouter
+from actors.curve import CurveKeys
+from actors.dispatcher import Dispatcher
 from actors.wire import decode, encode
+from actors.zmq_transport import ZmqDealer, ZmqRouter
 from cluster.core.errors import EmulationError
 
 PAYLOADS = {"4KiB": 4 * 1024, "1MiB": 1024 * 1024}
@@ -146,7 +147,7 @@ class _EchoDevice:
 
 def _own_server(conn, endpoint: str, keys: tuple | None = None) -> None:
     """A device actor's side: a DEALER served by the project's DeviceServer loop."""
-    from actors.devices import DeviceServer
+    from actors.device_server import DeviceServer
 
     curve = {} if keys is None else {"curve": CurveKeys(*keys[0]), "server_key": keys[1]}
     with ZmqDealer(b"ndp0", router_id=b"sched", **curve) as dealer:

@@ -30,9 +30,12 @@ import numpy as np
 import pytest
 
 from actors import wire
-from actors.devices import DeviceServer, GpuDevice, NdpUnit
+from actors.device_server import DeviceServer
+from actors.gpu import GpuDevice
 from actors.link import LinkServer
-from actors.scheduler import GPU_PEER, SchedulerCore, unit_peer
+from actors.ndp import NdpUnit
+from actors.peers import GPU_PEER, unit_peer
+from actors.scheduler import SchedulerCore
 from actors.transport import InprocEndpoint, InprocHub
 from cluster.core.config import load_config
 from cluster.core.errors import EmulationError

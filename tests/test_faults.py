@@ -30,9 +30,13 @@ import pytest
 import policies
 from actors import wire
 from actors.clock import wall_now
-from actors.devices import Device, DeviceServer, GpuDevice, Hold, NdpUnit
-from actors.link import LINK_PEER, LinkServer
-from actors.scheduler import GPU_PEER, SchedulerCore, heartbeat_peer, unit_peer
+from actors.device_server import DeviceServer
+from actors.devices import Device, Hold
+from actors.gpu import GpuDevice
+from actors.link import LinkServer
+from actors.ndp import NdpUnit
+from actors.peers import GPU_PEER, LINK_PEER, heartbeat_peer, unit_peer
+from actors.scheduler import SchedulerCore
 from actors.transport import InprocHub
 from cluster.core.config import load_config
 from cluster.core.cost import CostModel

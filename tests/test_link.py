@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from actors import wire
-from actors.link import CLASS_FETCH, CLASS_PREFETCH, CLASS_STEP, HostLink, LinkSchedule, Transfer
+from actors.link import HostLink
+from actors.link_schedule import CLASS_FETCH, CLASS_PREFETCH, CLASS_STEP, LinkSchedule, Transfer
 
 
 def tr(xid: int, cls: int, arrive: float, service: float, order: int = 0) -> Transfer:

@@ -23,10 +23,12 @@ import pytest
 import zmq
 from fp32_bounds import assert_within, forward_tolerance
 
-from actors import transport
+from actors import curve as curve_module
 from actors.clock import wall_now
-from actors.transport import CurveKeys, ZmqDealer, ZmqRouter, recv_or_fail, require_curve
+from actors.curve import CurveKeys, require_curve
+from actors.transport import recv_or_fail
 from actors.wire import decode, encode
+from actors.zmq_transport import ZmqDealer, ZmqRouter
 from cluster.core.config import load_config
 from cluster.core.errors import ConfigError, EmulationError
 from cluster.core.spec import EmulateSpec
@@ -233,7 +235,7 @@ def test_hostile_local_peers_are_dropped_and_recorded_by_the_scheduler_loop(curv
     """The scheduler's own loop (:class:`Dispatcher`) on a real zmq ROUTER, its GPU and ndp0
     connected: strangers and an impostor throw everything at it while it waits for events.
     It hears only its devices, and says whom it refused and why."""
-    from actors.scheduler import Dispatcher
+    from actors.dispatcher import Dispatcher
 
     if curve and not zmq.has("curve"):
         pytest.skip("libzmq without CURVE")
@@ -306,7 +308,7 @@ def test_hostile_local_peers_are_dropped_and_recorded_by_the_scheduler_loop(curv
 
 @needs_curve
 def test_close_stops_the_authenticator_and_a_context_holds_one(monkeypatch) -> None:
-    monkeypatch.setattr(transport, "ZAP_BIND_WAIT_S", 0.1)  # the refusal below waits this long
+    monkeypatch.setattr(curve_module, "ZAP_BIND_WAIT_S", 0.1)  # the refusal below waits this long
     before = threading.active_count()
     ctx = zmq.Context()
     try:

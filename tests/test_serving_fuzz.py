@@ -24,9 +24,11 @@ from hypothesis import strategies as st
 
 from actors import wire
 from actors.clock import wall_now
-from actors.devices import DeviceServer, NdpUnit
-from actors.link import LINK_PEER, LinkServer
-from actors.scheduler import GPU_PEER, Dispatcher, unit_peer
+from actors.device_server import DeviceServer
+from actors.dispatcher import Dispatcher
+from actors.link import LinkServer
+from actors.ndp import NdpUnit
+from actors.peers import GPU_PEER, LINK_PEER, unit_peer
 from actors.transport import InprocEndpoint, InprocHub
 from cluster.core.config import load_config
 from cluster.core.errors import EmulationError, ProtocolError

@@ -10,14 +10,9 @@ import numpy as np
 import pytest
 import zmq
 
-from actors.transport import (
-    InprocHub,
-    ZmqDealer,
-    ZmqRouter,
-    is_loopback,
-    recv_or_fail,
-)
+from actors.transport import InprocHub, is_loopback, recv_or_fail
 from actors.wire import decode, encode
+from actors.zmq_transport import ZmqDealer, ZmqRouter
 from cluster.core.errors import EmulationError
 
 T = 5.0  # generous deadline for messages that should arrive
@@ -261,3 +256,29 @@ def test_inproc_delivers_across_threads():
     _, frames = recv_or_fail(client, T, "pong")
     th.join(T)
     assert decode(frames).fields == {"seq": 11}
+
+
+def test_peer_names_round_trip_and_strangers_do_not_parse() -> None:
+    """Every party's name is built and parsed by actors.peers alone (issue 12)."""
+    from actors import peers as P
+
+    assert P.device_peers(3) == [b"gpu", b"ndp0", b"ndp1", b"ndp2"]
+    assert P.device_names(2) == ["gpu", "ndp0", "ndp1"]
+    for u in (0, 7, 123):
+        peer = P.unit_peer(u)
+        assert P.parse(peer) == ("ndp", u) == P.parse(peer.decode())
+        assert P.unit_of(peer) == u and P.unit_peer(P.unit_of(peer)) == peer
+        assert P.device_name(*P.parse(peer)).encode() == peer
+        hb = P.heartbeat_peer(peer)
+        assert hb == peer + b".hb" and P.base_peer(hb) == peer and P.parse(hb) == ("ndp", u)
+        assert P.is_device(peer) and not P.is_device(hb)
+    assert P.parse(P.GPU_PEER) == ("gpu", -1) and P.device_name(*P.parse(b"gpu")) == "gpu"
+    assert P.parse(P.LINK_PEER) == ("link", -1) and P.parse(P.SCHED_PEER) == ("sched", -1)
+    assert not P.is_device(P.LINK_PEER) and not P.is_device(P.SCHED_PEER)
+    for stranger in (b"ndp", b"ndp-1", b"ndp01", b"ndp1x", b"ndp\xd9\xa1", b"link.hb",
+                     b"sched.hb", b"gpu0", b"", b"NDP0"):
+        with pytest.raises(ValueError):
+            P.parse(stranger)
+        assert not P.is_device(stranger)
+    with pytest.raises(ValueError):
+        P.unit_of(b"gpu")

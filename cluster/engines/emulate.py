@@ -33,7 +33,7 @@ that finished keep their summaries, the failing one is marked ``"status": "faile
 :class:`PartialRunError` carries all of it to the caller; with recovery Ray restarts it, it
 rejoins and is sent what it had not done. The scheduler pauses the whole emulated system (every
 device and the link) from the moment it injects a fault until it is repaired
-(:class:`actors.scheduler.World`): detection, retries and recovery are real and take wall time,
+(:class:`actors.world.World`): detection, retries and recovery are real and take wall time,
 and none of it is emulated time. The summary reports ``dropped_messages``, ``retries``,
 ``duplicate_commands`` (retries whose first send did arrive: ``retries = dropped_messages +
 duplicate_commands``; these three count commands that reached a live device, those a killed
@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from actors.peers import GPU, LINK, device_names, unit_name
 from cluster.core.cost import CostModel
 from cluster.core.errors import ConfigError, EmulationError
 from cluster.core.metrics import PolicyRecords, summarize
@@ -147,14 +148,14 @@ def records_from_run(cfg: Config, name: str, stats: Any, meta: dict[str, Any],
         return (w - epoch) / D
 
     rep = stats.reports
-    gpu, link = rep["gpu"], rep["link"]
+    gpu, link = rep[GPU], rep[LINK]
     prev = 0.0
     for step, wall in gpu["tokens"]:
         t = emu(wall)
         rec.tokens.append(TokenRecord(name, int(step), t, t - prev if rec.tokens else t))
         prev = t
     cost = CostModel(meta["cost_cfg"])
-    units = [rep.get(f"ndp{u}", {}) for u in range(N)]
+    units = [rep.get(unit_name(u), {}) for u in range(N)]
     for i, st in enumerate(stats.steps):
         seq = str(st["seq"])
         if seq not in gpu["step_times"]:
@@ -170,7 +171,7 @@ def records_from_run(cfg: Config, name: str, stats: Any, meta: dict[str, Any],
     rec.gpu_other_busy_s = gpu["other_busy_s"] / D
     rec.prefetch_bytes = int(link["bytes"]["prefetch"])
     rec.prefetched_experts = int(link["transfers"]["prefetch"])
-    for res, r in [("gpu", gpu), *((f"ndp{u}", units[u]) for u in range(N))]:
+    for res, r in [(GPU, gpu), *((unit_name(u), units[u]) for u in range(N))]:
         for kind, label, a, b in r.get("log", []):
             rec.intervals.append(Interval(res, kind, emu(a), emu(b), label))
     # the link's segments within the traced steps (background prefetches included)
@@ -205,7 +206,7 @@ def calibrate(cluster: Any, cfg: Config, routing: Routing, names: list[str]) -> 
                 ratios += r["ratios"]
         # the real control path of a MoE step, under this run's own load: how late the
         # GPU had its step's command (at D = 1 the modelled hops absorb nothing)
-        late = st.reports["gpu"].get("arrival_late", {}).get("cmd:moe")
+        late = st.reports[GPU].get("arrival_late", {}).get("cmd:moe")
         if late:
             paths.append(late[0])
         decisions += st.decisions_s
@@ -275,7 +276,7 @@ def _emulated_summary(rec: PolicyRecords, stats, cfg: Config, analytic: PolicyRe
     s = summarize(rec, N)
     a = summarize(analytic, N)
     rep = stats.reports
-    devices = ["gpu", *(f"ndp{u}" for u in range(N))]
+    devices = device_names(N)
     overruns = {d: int(rep[d]["overruns"]) for d in devices if d in rep}
     link = rep.get("link", {})
     s.update({
@@ -303,8 +304,8 @@ def _emulated_summary(rec: PolicyRecords, stats, cfg: Config, analytic: PolicyRe
         "link_upgraded_prefetches": link.get("upgraded", 0),
         "link_cancelled_prefetches": link.get("cancelled", 0),
         "link_late_arrivals": link.get("late_arrivals", 0),
-        "gpu_fetch_waits": len(rep.get("gpu", {}).get("waits", [])),
-        "gpu_cache_peak_experts": rep.get("gpu", {}).get("cache_peak", 0),
+        "gpu_fetch_waits": len(rep.get(GPU, {}).get("waits", [])),
+        "gpu_cache_peak_experts": rep.get(GPU, {}).get("cache_peak", 0),
         "decision_us_p50": 1e6 * float(np.median(stats.decisions_s)) if stats.decisions_s else 0.0,
         "decision_us_max": 1e6 * float(np.max(stats.decisions_s)) if stats.decisions_s else 0.0,
         "emulator_floor": floor,

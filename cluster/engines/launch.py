@@ -3,7 +3,7 @@
 Control plane only: Ray creates the scheduler, GPU and NDP-unit actors, passes the config and
 the routing once, hands each device the scheduler's zmq endpoint, and carries results back at
 the end of each policy. Per-step traffic never goes through Ray (a Ray call costs ~1 ms); it
-goes over zmq (:mod:`actors.transport`). Actor bodies are the plain classes of
+goes over zmq (:mod:`actors.zmq_transport`). Actor bodies are the plain classes of
 :mod:`actors.devices` and :mod:`actors.scheduler`; ``ray.remote`` appears only here.
 
 Local runs (no ``address``) start an embedded Ray with the dashboard off, bind loopback only,
@@ -23,7 +23,7 @@ devices and the link, the link to the scheduler and the devices, each device to 
 and the link) and records everyone else it refused; :meth:`EmuCluster.rejected_peers` gathers
 those records for ``summary.json``. Routers refuse a second connection with a live identity
 unless ``emulate.recover`` needs it for a restarted unit. With ``emulate.curve`` (the default)
-the data plane uses CURVE (:mod:`actors.transport`). The
+the data plane uses CURVE (:mod:`actors.curve`). The
 scheduler actor makes a server keypair and one client keypair per device and admits only
 those keys, each for its own device's identities (``name`` and ``name.hb``). The keys travel
 on the control plane only: the driver asks the scheduler for the server's public key and the
@@ -44,6 +44,17 @@ from typing import Any
 
 import numpy as np
 
+from actors.peers import (
+    GPU,
+    GPU_PEER,
+    LINK_PEER,
+    NDP,
+    SCHED_PEER,
+    device_name,
+    device_peers,
+    heartbeat_peer,
+    unit_peer,
+)
 from cluster.core.errors import EmulationError, NdpmoeError
 from cluster.core.selection import Routing
 from cluster.core.spec import Config
@@ -78,7 +89,6 @@ def _await_link(link: Any, timeout_s: float = LINK_READY_TIMEOUT_S) -> list[tupl
     it (a ROUTER cannot send to a dealer whose connection is not up yet). Returns anything
     else that came meanwhile, for the device to handle."""
     from actors import wire
-    from actors.link import LINK_PEER
 
     deadline = time.monotonic() + timeout_s
     other: list[tuple[bytes, list]] = []
@@ -106,19 +116,21 @@ class _DeviceActor:
     def __init__(self, cfg: Config, kind: str, unit: int, scale: float, endpoint: str,
                  server_key: bytes | None = None, keys: Any = None, link_endpoint: str = "",
                  link_key: bytes | None = None) -> None:
-        """``server_key`` and ``keys`` (this device's :class:`~actors.transport.CurveKeys`):
+        """``server_key`` and ``keys`` (this device's :class:`~actors.curve.CurveKeys`):
         the CURVE keys of its sockets when ``emulate.curve`` is on, else None; ``link_key``:
         the link's public key then."""
-        from actors.devices import DeviceServer, GpuDevice, NdpUnit
-        from actors.link import LINK_PEER
-        from actors.transport import Mux, ZmqDealer
+        from actors.device_server import DeviceServer
+        from actors.gpu import GpuDevice
+        from actors.ndp import NdpUnit
+        from actors.transport import Mux
+        from actors.zmq_transport import ZmqDealer
 
         self._blas = _one_blas_thread()
         self.kind, self.unit = kind, unit
-        device = GpuDevice(cfg, scale) if kind == "gpu" else NdpUnit(cfg, unit, scale)
-        identity = b"gpu" if kind == "gpu" else f"ndp{unit}".encode()
+        device = GpuDevice(cfg, scale) if kind == GPU else NdpUnit(cfg, unit, scale)
+        identity = device_name(kind, unit).encode()
         curve = {} if keys is None else {"curve": keys, "server_key": server_key}
-        self.main = ZmqDealer(identity, router_id=b"sched", **curve)
+        self.main = ZmqDealer(identity, router_id=SCHED_PEER, **curve)
         self.main.connect(endpoint)
         link_curve = {} if keys is None else {"curve": keys, "server_key": link_key}
         self.link = ZmqDealer(identity, router_id=LINK_PEER, **link_curve)
@@ -126,12 +138,12 @@ class _DeviceActor:
         early = _await_link(self.link)  # before it greets anyone: the link can reach it
         self.transport = Mux(self.main, {LINK_PEER: self.link})
         # a late heartbeat is worthless: never block on it, keep only a few queued
-        self.heartbeat = ZmqDealer(identity + b".hb", router_id=b"sched", send_timeout_s=0.0, hwm=4,
+        self.heartbeat = ZmqDealer(heartbeat_peer(identity), router_id=SCHED_PEER, send_timeout_s=0.0, hwm=4,
                                    **curve)
         self.heartbeat.connect(endpoint)
-        doomed = kind == "ndp" and any(k.unit == unit for k in cfg.faults.kills)
+        doomed = kind == NDP and any(k.unit == unit for k in cfg.faults.kills)
         self.server = DeviceServer(device, self.transport, heartbeat=self.heartbeat,
-                                   incarnation=os.getpid(), announce_to=b"sched",
+                                   incarnation=os.getpid(), announce_to=SCHED_PEER,
                                    on_die=_exit_now if doomed else None)
         for peer, frames in early:
             self.server._handle(peer, frames)
@@ -163,8 +175,9 @@ class _LinkActor:
     def __init__(self, cfg: Config, host: str | None, local: bool) -> None:
         import ray
 
+        from actors.curve import CurveKeys
         from actors.link import LinkServer
-        from actors.transport import CurveKeys, ZmqRouter
+        from actors.zmq_transport import ZmqRouter
 
         host = host or ray.util.get_node_ip_address()
         self._keys = CurveKeys.generate() if cfg.emulate.curve else None
@@ -205,8 +218,9 @@ class _SchedulerActor:
     def __init__(self, cfg: Config, routing: Routing, host: str | None, local: bool) -> None:
         import ray
 
+        from actors.curve import CurveKeys, require_curve
         from actors.scheduler import SchedulerCore
-        from actors.transport import CurveKeys, ZmqRouter, require_curve
+        from actors.zmq_transport import ZmqRouter
 
         self._blas = _one_blas_thread()
         # cluster mode: bind this node's own address, so devices on other nodes can reach it
@@ -218,7 +232,7 @@ class _SchedulerActor:
             server = CurveKeys.generate()
             devices = {peer: CurveKeys.generate() for peer in _peers(cfg)}
             curve = {"curve": server,
-                     "clients": {k.public: (peer, peer + b".hb") for peer, k in devices.items()}}
+                     "clients": {k.public: (peer, heartbeat_peer(peer)) for peer, k in devices.items()}}
             self._curve = (server.public, devices)
         self.router = ZmqRouter(handover=cfg.emulate.recover, **curve)
         self.endpoint_ = self.router.bind(host, 0, local=local)
@@ -232,11 +246,11 @@ class _SchedulerActor:
 
     def connect_link(self, endpoint: str, link_key: bytes | None) -> None:
         """The scheduler's own socket to the link (upgrades, cancels, reset, reports)."""
-        from actors.link import LINK_PEER
-        from actors.transport import Mux, ZmqDealer
+        from actors.transport import Mux
+        from actors.zmq_transport import ZmqDealer
 
         curve = {} if self._link_keys is None else {"curve": self._link_keys, "server_key": link_key}
-        self.link = ZmqDealer(b"sched", router_id=LINK_PEER, **curve)
+        self.link = ZmqDealer(SCHED_PEER, router_id=LINK_PEER, **curve)
         self.link.connect(endpoint)
         self.transport = Mux(self.router, {LINK_PEER: self.link})
         self.core.tr = self.core.net.tr = self.transport
@@ -331,7 +345,7 @@ class EmuCluster:
         import ray
 
         infos = ray.get([a.info.remote() for a in [self.gpu, *self.units]])
-        return {("gpu" if i["kind"] == "gpu" else f"ndp{i['unit']}"): i["node_id"] for i in infos}
+        return {device_name(i["kind"], i["unit"]): i["node_id"] for i in infos}
 
     def rejected_peers(self, timeout_s: float = 10.0) -> dict[str, Any]:
         """Every refusal of every actor, for ``summary.json``: ``rejected_peers`` (messages and
@@ -415,7 +429,7 @@ def init_ray(address: str | None) -> bool:
 
 def _peers(cfg: Config) -> list[bytes]:
     """The devices' zmq identities: the GPU, then the NDP units."""
-    return [b"gpu", *(f"ndp{u}".encode() for u in range(cfg.ndp.num_ndp_units))]
+    return device_peers(cfg.ndp.num_ndp_units)
 
 
 def start(cfg: Config, routing: Routing, scale: float, address: str | None = None,
@@ -424,7 +438,7 @@ def start(cfg: Config, routing: Routing, scale: float, address: str | None = Non
     import ray
 
     if cfg.emulate.curve:  # before anything is launched
-        from actors.transport import require_curve
+        from actors.curve import require_curve
 
         require_curve()
     started = init_ray(address)
@@ -444,11 +458,11 @@ def start(cfg: Config, routing: Routing, scale: float, address: str | None = Non
         clients = None
         if cfg.emulate.curve:
             clients = {k.public: (peer,) for peer, k in keys.items()}
-            clients[ray.get(sched.link_client_key.remote())] = (b"sched",)
+            clients[ray.get(sched.link_client_key.remote())] = (SCHED_PEER,)
         link_endpoint = ray.get(link.bind.remote(clients))
         ray.get(sched.connect_link.remote(link_endpoint, link_key))
-        gpu = ray.remote(_DeviceActor).options(**opts).remote(cfg, "gpu", -1, scale, endpoint,
-                                                              server_key, keys.get(b"gpu"),
+        gpu = ray.remote(_DeviceActor).options(**opts).remote(cfg, GPU, -1, scale, endpoint,
+                                                              server_key, keys.get(GPU_PEER),
                                                               link_endpoint, link_key)
         unit_opts = [opts] * cfg.ndp.num_ndp_units
         if not local:
@@ -456,11 +470,11 @@ def start(cfg: Config, routing: Routing, scale: float, address: str | None = Non
         if cfg.emulate.recover:
             unit_opts = [{**o, "max_restarts": MAX_UNIT_RESTARTS} for o in unit_opts]
         units = [ray.remote(_DeviceActor).options(**unit_opts[u]).remote(
-                     cfg, "ndp", u, scale, endpoint, server_key, keys.get(f"ndp{u}".encode()),
+                     cfg, NDP, u, scale, endpoint, server_key, keys.get(unit_peer(u)),
                      link_endpoint, link_key)
                  for u in range(cfg.ndp.num_ndp_units)]
         peers = _peers(cfg)
-        rtt = ray.get(sched.wait_ready.remote([*peers, b"link"], ready_timeout_s))
+        rtt = ray.get(sched.wait_ready.remote([*peers, LINK_PEER], ready_timeout_s))
     except Exception as exc:
         if pg is not None:
             ray.util.remove_placement_group(pg)
