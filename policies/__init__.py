@@ -13,14 +13,17 @@ How to add a policy (one file plus a registration; ``tests/test_add_a_policy.py`
 this recipe):
 
 1. In ``policies/my_policy.py`` subclass :class:`Scheduler` (implement ``plan(step) ->
-   Plan``) or :class:`Prefetcher` (``after_prefill`` / ``after_step`` return the keys to fetch).
-2. Its settings, if any: a frozen dataclass subclassing :class:`cluster.core.spec.Knobs`,
-   fields with defaults (names unique over all policies, e.g. prefixed ``my_``), checked in
-   ``__post_init__`` with ``self.integers`` / ``self.fractions`` / ``self.check``.
-3. Register both: ``@register("scheduler", "my-policy", knobs=MyKnobs)``; the policy reads
+   Plan``) or :class:`Prefetcher` (``preload`` / ``after_prefill`` / ``after_step`` return
+   the keys to fetch).
+2. Its settings, if any: a frozen dataclass subclassing :class:`Knobs` (from
+   ``cluster.core.spec``), fields with defaults and names no other policy uses (prefix
+   them: ``my_``), checked in ``__post_init__`` with ``self.integers`` /
+   ``self.fractions`` / ``self.check`` (errors name the field, the value, what is allowed).
+3. Register both: ``@register("scheduler", "my-policy", knobs=MyKnobs)``. The policy reads
    ``self.knobs.my_field``; users set ``--set policy.my_field=3`` or ``[policy] my_field = 3``.
-4. Import the module below (its registration runs on import); optionally name a pair with
-   :func:`register_combo`. Run it: ``ndpmoe run --engine analytic --policies my-policy``.
+4. Import the module here, after the others (registration runs on import; the order is
+   the knobs' order in ``config.json``); optionally name a pair with :func:`register_combo`.
+   Run it: ``ndpmoe run --engine analytic --policies my-policy``.
 """
 
 # Registration side effects, in this order: it is the order of the policies' knobs in the
@@ -32,6 +35,7 @@ from policies import prefetch  # noqa: F401
 from policies import neighbours  # noqa: F401
 from policies import drift  # noqa: F401
 # isort: on
+from cluster.core.spec import Knobs
 from policies.base import Scheduler, StepInput, tp_bounds
 from policies.plan import ALL_UNITS, GPU, Fetch, Plan, StepTiming, Task, lower_bound_s, time_plan
 from policies.prefetch import ExpertCache, PrefetchContext, Prefetcher
@@ -45,6 +49,7 @@ from policies.registry import (
     register,
     register_combo,
     resolve,
+    unregister,
 )
 
 register_combo("paper", "tp-lb", "prefill-freq",
@@ -63,8 +68,8 @@ register_combo("paper-drift", "tp-lb", "decayed-freq",
                "per step in the link's idle time (for routing that drifts)")
 
 __all__ = [
-    "ALL_UNITS", "GPU", "ExpertCache", "Fetch", "Plan", "PolicyChoice", "PrefetchContext", "Prefetcher",
-    "Scheduler", "StepInput", "StepTiming", "Task", "all_policy_names", "combos", "describe",
-    "get", "lower_bound_s", "names", "register", "register_combo", "resolve", "time_plan",
-    "tp_bounds",
+    "ALL_UNITS", "GPU", "ExpertCache", "Fetch", "Knobs", "Plan", "PolicyChoice", "PrefetchContext",
+    "Prefetcher", "Scheduler", "StepInput", "StepTiming", "Task", "all_policy_names", "combos",
+    "describe", "get", "lower_bound_s", "names", "register", "register_combo", "resolve",
+    "time_plan", "tp_bounds", "unregister",
 ]

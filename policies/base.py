@@ -46,7 +46,7 @@ class Scheduler:
 
     def __init__(self, cfg: Config, cost: CostModel) -> None:
         self.cfg = cfg
-        self.knobs: Any = cfg.policy.knobs_of(self.knobs_class) if self.knobs_class else None
+        self.knobs: Any = cfg.policy.knobs_of(self.knobs_class)  # None without; checks them
         self.cost = cost
         self.num_units = cfg.ndp.num_ndp_units
         self.d_ff = cfg.model.d_ff

@@ -115,7 +115,7 @@ class Prefetcher:
 
     def __init__(self, ctx: PrefetchContext) -> None:
         self.ctx = ctx
-        self.knobs: Any = ctx.cfg.policy.knobs_of(self.knobs_class) if self.knobs_class else None
+        self.knobs: Any = ctx.cfg.policy.knobs_of(self.knobs_class)  # None without; checks them
         self.cache = ExpertCache(ctx.capacity)
         self.num_layers = ctx.cfg.model.num_layers
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import policies  # noqa: F401  (registers the policies' own knobs: part of the policy section)
 from cluster.core import presets
 from cluster.core.config import load_config, model_from_hf_config, parse_override
 from cluster.core.errors import ConfigError, NdpmoeError
@@ -467,3 +468,122 @@ def test_config_round_trips_through_its_dict() -> None:
     from cluster.core.spec import SECTIONS
     rebuilt = Config(**{s: SECTIONS[s](**d[s]) for s in SECTIONS}, system_name=d["system_name"])
     assert rebuilt == cfg
+
+
+# --- policy knobs: each policy owns its own (issue 12) -------------------------------------
+
+LEGACY_POLICY_KEYS = [  # the policy section of config.json before the knobs moved out
+    "expert_cache_bytes", "cache_fraction", "fetch_buffer_experts", "lb_split",
+    "eplb_redundant_per_unit", "eplb_window_steps", "eplb_period_steps", "profile_alpha",
+    "profile_seed", "profile_domain_seed", "profile_tokens", "context_alpha", "ndp_weight_bits",
+    "odmoe_recall", "odmoe_lookahead", "expertflow_max_horizon", "refresh_period_steps",
+    "refresh_max_swaps", "drift_half_life_tokens", "drift_margin"]
+
+
+def test_each_policy_owns_its_knobs_and_the_section_keeps_its_keys_in_order() -> None:
+    from cluster.core.spec import PolicySpec, knob_owners
+
+    owners = {owner: [f.name for f in dataclasses.fields(cls)] for owner, cls in knob_owners().items()}
+    assert owners == {
+        "scheduler tp-lb": ["lb_split"],
+        "scheduler eplb": ["eplb_redundant_per_unit", "eplb_window_steps", "eplb_period_steps"],
+        "prefetcher profiled": ["profile_alpha", "profile_seed", "profile_domain_seed", "profile_tokens"],
+        "prefetcher context-aware": ["context_alpha", "ndp_weight_bits"],
+        "prefetcher od-moe": ["odmoe_recall", "odmoe_lookahead"],
+        "prefetcher expertflow": ["expertflow_max_horizon"],
+        "prefetcher prefill-freq-refresh": ["refresh_period_steps", "refresh_max_swaps"],
+        "prefetcher decayed-freq": ["drift_half_life_tokens", "drift_margin"],
+    }
+    # PolicySpec itself holds only what every policy shares, and the knobs
+    assert [f.name for f in dataclasses.fields(PolicySpec)] == [
+        "expert_cache_bytes", "cache_fraction", "fetch_buffer_experts", "knobs", "unclaimed"]
+    assert list(load_config().to_dict()["policy"]) == LEGACY_POLICY_KEYS
+    assert list(PolicySpec().to_dict()) == LEGACY_POLICY_KEYS
+
+
+def test_a_knob_override_reaches_its_owner_and_survives_pickling() -> None:
+    import pickle
+
+    from policies.neighbours import ExpertFlowKnobs, OdMoeKnobs
+    from policies.schedulers import TpLbKnobs
+
+    cfg = load_config(overrides=["policy.odmoe_recall=0.5", "policy.lb_split=fractional"])
+    p = cfg.policy
+    assert p.knobs_of(OdMoeKnobs) == OdMoeKnobs(odmoe_recall=0.5)
+    assert p.knobs_of(TpLbKnobs) == TpLbKnobs(lb_split="fractional")
+    assert p.knobs_of(ExpertFlowKnobs) == ExpertFlowKnobs()
+    assert (p.odmoe_recall, p.lb_split) == (0.5, "fractional")  # the flat read-only view
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.odmoe_recall = 0.1  # type: ignore[misc]
+    back = pickle.loads(pickle.dumps(cfg))  # as sent to spawn workers
+    assert back == cfg and hash(back) == hash(cfg) and back.policy.odmoe_recall == 0.5
+    other = load_config(overrides=["policy.odmoe_recall=0.6", "policy.lb_split=fractional"])
+    assert other != cfg and len({cfg: 1, other: 2}) == 2  # a dict key per knob value
+    moved = cfg.replace(policy=dataclasses.replace(p, odmoe_recall=0.6))
+    assert moved == other and hash(moved) == hash(other)
+    assert dataclasses.replace(p, cache_fraction=0.5).knobs == p.knobs
+
+
+def test_an_unknown_policy_field_lists_the_shared_fields_and_every_knob() -> None:
+
+    msg = config_error(overrides=["policy.odmoe_recal=0.5"])
+    assert "unknown field policy.odmoe_recal" in msg and "did you mean 'odmoe_recall'" in msg
+    listed = msg.split(": policy has ", 1)[1].split(" (did you mean")[0].split(", ")
+    assert sorted(listed) == sorted(LEGACY_POLICY_KEYS)  # knobs/unclaimed are not settable
+    msg = config_error(overrides=["policy.knobs=1"])
+    assert "unknown field policy.knobs" in msg
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("policy.eplb_window_steps=0", "policy.eplb_window_steps = 0 is not allowed: must be an integer >= 1"),
+    ("policy.eplb_redundant_per_unit=-1",
+     "policy.eplb_redundant_per_unit = -1 is not allowed: must be an integer >= 0"),
+    ("policy.profile_alpha=11", "policy.profile_alpha = 11.0 is not allowed: must be -1 (same as "
+     "workload.alpha) or a number in 0..10"),
+    ("policy.profile_domain_seed=-2", "policy.profile_domain_seed = -2 is not allowed: must be an "
+     "integer >= -1"),
+    ("policy.drift_half_life_tokens=0", "policy.drift_half_life_tokens = 0.0 is not allowed: must "
+     "be a finite number > 0"),
+    ("policy.odmoe_recall=true", "policy.odmoe_recall = True is not allowed: must be a number"),
+    ("policy.lb_split=3", "policy.lb_split = 3 is not allowed: must be a string"),
+])
+def test_bad_knobs_fail_like_every_field(override: str, message: str) -> None:
+
+    assert message in config_error(overrides=[override])
+
+
+def test_a_config_loaded_before_the_policies_keeps_their_knobs_until_they_are_built() -> None:
+    """A fresh worker may load a config before anything imports the policies: their knobs are
+    kept by name, then applied and checked by the owner's class when a policy is built."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from cluster.core.config import load_config\n"
+        "from cluster.core.errors import ConfigError\n"
+        "good = load_config(overrides=['policy.eplb_period_steps=4', 'policy.drift_margin=1'])\n"
+        "bad = load_config(overrides=['policy.odmoe_recall=2'])\n"
+        "typo = load_config(overrides=['policy.eplb_period_step=4'])\n"
+        "assert 'policies' not in sys.modules\n"
+        "import policies\n"
+        "from policies.drift import DecayedFreqKnobs\n"
+        "from policies.eplb import EplbKnobs\n"
+        "assert good.policy.knobs_of(EplbKnobs) == EplbKnobs(eplb_period_steps=4)\n"
+        "assert good.policy.knobs_of(DecayedFreqKnobs) == DecayedFreqKnobs(drift_margin=1.0)\n"
+        f"assert list(good.to_dict()['policy']) == {LEGACY_POLICY_KEYS!r}\n"
+        "assert good.to_dict()['policy']['drift_margin'] == 1.0\n"
+        "sched = policies.get('scheduler', 'eplb')(good, None)\n"
+        "assert sched.period == 4\n"
+        "for cfg, want in ((bad, 'policy.odmoe_recall = 2.0 is not allowed: must be a number in 0..1'),\n"
+        "                  (typo, \"did you mean 'eplb_period_steps'\")):\n"
+        "    try:\n"
+        "        policies.get('scheduler', 'ep')(cfg, None)\n"
+        "    except ConfigError as exc:\n"
+        "        assert want in str(exc), str(exc)\n"
+        "    else:\n"
+        "        raise AssertionError('no error')\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

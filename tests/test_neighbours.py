@@ -203,6 +203,26 @@ def test_od_moe_hits_more_with_a_better_predictor(tiny) -> None:
     assert good > poor > 0
 
 
+def test_a_sweep_over_its_knob_keyed_by_config_keeps_every_point(tiny) -> None:
+    """Configs that differ in one policy knob are different keys (as in reproduce's job
+    table, and pickled to its workers): each point of the sweep keeps its own result."""
+    import pickle
+
+    from policies.neighbours import OdMoe, OdMoeKnobs
+
+    routing = build_routing(tiny())
+    results: dict = {}
+    for recall in (0.2, 0.6, 1.0):
+        cfg = pickle.loads(pickle.dumps(tiny(f"policy.odmoe_recall={recall}", "policy.odmoe_lookahead=2",
+                                             "link.bw_gbps=400")))
+        assert cfg.policy.knobs_of(OdMoeKnobs) == OdMoeKnobs(odmoe_recall=recall, odmoe_lookahead=2)
+        results.setdefault(cfg, hit_rate(cfg, routing, "od-moe"))
+    assert len(results) == 3
+    rates = list(results.values())
+    assert rates[0] < rates[1] < rates[2]
+    assert OdMoe.knobs_class is OdMoeKnobs and policies.get("prefetcher", "od-moe") is OdMoe
+
+
 def test_od_moe_predictor_names_as_many_experts_as_are_active_and_recall_one_is_exact(tiny) -> None:
     routing = build_routing(tiny())
     truth = policies.build.decode_future(routing)

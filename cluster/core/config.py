@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,9 +22,9 @@ from cluster.core.spec import (
     SECTIONS,
     Config,
     close_matches,
+    coerce_value,
     knob_classes,
     policy_field_types,
-    unit_of,
 )
 
 if sys.version_info >= (3, 11):
@@ -45,29 +44,7 @@ def _field_types(section: str) -> dict[str, type]:
 
 def _coerce(section: str, key: str, value: Any) -> Any:
     """Checks a raw value against the field's declared type (annotations are strings)."""
-    want = _field_types(section)[key]
-    where = f"{section}.{key}"
-    if want in ("int", int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{where} = {value!r} is not allowed: must be an integer")
-    elif want in ("float", float):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where} = {value!r} is not allowed: must be a number")
-        try:
-            value = float(value)
-        except OverflowError:  # an integer literal too large for a float
-            value = math.inf
-        if not math.isfinite(value):
-            unit = f" ({unit_of(key)})" if unit_of(key) else ""
-            raise ConfigError(f"{where} = {value!r} is not allowed: must be a finite number{unit}")
-    elif want in ("bool", bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} = {value!r} is not allowed: must be true or false")
-    elif want in ("str", str) and not isinstance(value, str):
-        raise ConfigError(f"{where} = {value!r} is not allowed: must be a string")
-    return value
+    return coerce_value(section, key, _field_types(section)[key], value)
 
 
 def _merge(base: dict[str, dict[str, Any]], update: Mapping[str, Any], origin: str) -> None:
@@ -82,14 +59,17 @@ def _merge(base: dict[str, dict[str, Any]], update: Mapping[str, Any], origin: s
             raise ConfigError(f"config section {section!r} in {origin} must be a table of fields")
         allowed = _field_types(section)
         for key, value in fields.items():
-            if key not in allowed:
-                hint = ""
-                if section == "policy" and not knob_classes():
-                    hint = ("; each policy's own knobs join the section when the policies "
-                            "package registers them: import policies first")
+            if key in allowed:
+                value = _coerce(section, key, value)
+            elif section == "policy" and not knob_classes():
+                # no policy is registered in this process (the policies package is not
+                # imported): a policy's knob, kept by name and checked by its owner's class
+                # when the policy is built (PolicySpec.unclaimed)
+                pass
+            else:
                 raise ConfigError(f"unknown field {section}.{key} in {origin}: {section} has "
-                                  f"{close_matches(key, allowed)}{hint}")
-            base.setdefault(section, {})[key] = _coerce(section, key, value)
+                                  f"{close_matches(key, allowed)}")
+            base.setdefault(section, {})[key] = value
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -72,6 +72,35 @@ def _integers(section: str, obj: Any, *names: str, minimum: int = 1) -> None:
                f"an integer >= {minimum}")
 
 
+def coerce_value(section: str, key: str, want: Any, value: Any) -> Any:
+    """Checks a raw value (TOML, ``--set``) against a field's declared type ``want`` (the
+    annotation, a string under ``from __future__ import annotations``): integral floats become
+    ints for int fields, ints become floats for float fields; anything else of the wrong type
+    fails with the field, the value and what is allowed."""
+    where = f"{section}.{key}"
+    if want in ("int", int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r} is not allowed: must be an integer")
+    elif want in ("float", float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r} is not allowed: must be a number")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer literal too large for a float
+            value = math.inf
+        if not math.isfinite(value):
+            unit = f" ({unit_of(key)})" if unit_of(key) else ""
+            raise ConfigError(f"{where} = {value!r} is not allowed: must be a finite number{unit}")
+    elif want in ("bool", bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r} is not allowed: must be true or false")
+    elif want in ("str", str) and not isinstance(value, str):
+        raise ConfigError(f"{where} = {value!r} is not allowed: must be a string")
+    return value
+
+
 @dataclass(frozen=True)
 class GpuSpec:
     """The edge GPU: memory, memory bandwidth, peak compute and per-kernel launch cost."""
@@ -444,6 +473,11 @@ class PolicySpec:
     view of every knob for code below the policies (the ``profiled`` calibration trace in
     :mod:`cluster.core.routing`) and for reports.
 
+    ``unclaimed``: knob values given where no policy is registered at all (a process that
+    loads a config before importing :mod:`policies`, such as a fresh worker), kept by name;
+    :meth:`knobs_of` checks them against their owner's class when a policy is built, so a bad
+    value still fails before any work, with the same message.
+
     The knobs take part in equality and hashing, so a config that differs in one knob is
     another config (memoisation by config sees it).
     """
@@ -453,10 +487,11 @@ class PolicySpec:
     cache_fraction: float = 1.0
     fetch_buffer_experts: int = 0
     knobs: tuple[Knobs, ...] = ()
+    unclaimed: tuple[tuple[str, Any], ...] = ()
 
     def __init__(self, expert_cache_bytes: int = -1, cache_fraction: float = 1.0,
                  fetch_buffer_experts: int = 0, knobs: tuple[Knobs, ...] = (),
-                 **knob_values: Any) -> None:
+                 unclaimed: tuple[tuple[str, Any], ...] = (), **knob_values: Any) -> None:
         s = self.SECTION
         for k in knobs:
             if not isinstance(k, Knobs):
@@ -465,21 +500,27 @@ class PolicySpec:
         # one instance per registered class, in registration order; unregistered ones kept
         full = {c: have.pop(c, None) or c() for c in knob_classes()}
         full.update(have)
-        if knob_values:
-            owner_of = {n: c for c in full for n in _knob_names(c)}
-            changes: dict[type, dict[str, Any]] = {}
-            for n, v in knob_values.items():
-                if n not in owner_of:
-                    raise ConfigError(f"unknown field {s}.{n}: {s} has "
-                                      f"{close_matches(n, policy_field_types())}")
+        owner_of = {n: c for c in full for n in _knob_names(c)}
+        changes: dict[type, dict[str, Any]] = {}
+        pending: dict[str, Any] = {}
+        for n, v in [*unclaimed, *knob_values.items()]:
+            if n in owner_of:
                 changes.setdefault(owner_of[n], {})[n] = v
-            for c, ch in changes.items():
-                full[c] = dataclasses.replace(full[c], **ch)
+            elif not _KNOB_OWNERS:  # no policy registered here: its owner checks it later
+                _check(s, n, v, isinstance(v, (bool, int, float, str)),
+                       "a number, a string or true/false")
+                pending[n] = v
+            else:
+                raise ConfigError(f"unknown field {s}.{n}: {s} has "
+                                  f"{close_matches(n, policy_field_types())}")
+        for c, ch in changes.items():
+            full[c] = dataclasses.replace(full[c], **ch)
         set_ = object.__setattr__
         set_(self, "expert_cache_bytes", expert_cache_bytes)
         set_(self, "cache_fraction", cache_fraction)
         set_(self, "fetch_buffer_experts", fetch_buffer_experts)
         set_(self, "knobs", tuple(full.values()))
+        set_(self, "unclaimed", tuple(sorted(pending.items())))
         self.__post_init__()
 
     def __post_init__(self) -> None:
@@ -492,28 +533,56 @@ class PolicySpec:
                "a number in 0..1")
         _integers(s, self, "fetch_buffer_experts", minimum=0)
 
-    def knobs_of(self, cls: type[K]) -> K:
-        """This spec's instance of the knob class ``cls`` (its defaults if ``cls`` was
-        registered after the spec was made)."""
-        for k in self.knobs:
-            if type(k) is cls:
-                return k
-        return cls()
+    def knobs_of(self, cls: type[K] | None) -> K | None:
+        """This spec's instance of the knob class ``cls`` (None for None): its defaults where
+        ``cls`` was registered after the spec was made, with any :attr:`unclaimed` values of
+        its fields applied. Unclaimed values are checked here, all of them, once a policy is
+        registered: a name no policy owns, or a value its owner refuses, fails as at load."""
+        if self.unclaimed and _KNOB_OWNERS:
+            known = policy_field_types()
+            for n, _ in self.unclaimed:
+                if n not in known:
+                    raise ConfigError(f"unknown field {self.SECTION}.{n}: {self.SECTION} has "
+                                      f"{close_matches(n, known)}")
+            for c in knob_classes():
+                self._resolved(c)
+        return None if cls is None else self._resolved(cls)
+
+    def _resolved(self, cls: type[K]) -> K:
+        inst = next((k for k in self.knobs if type(k) is cls), None) or cls()
+        if self.unclaimed:
+            types = {f.name: f.type for f in dataclasses.fields(cls)}
+            ch = {n: coerce_value(self.SECTION, n, types[n], v) for n, v in self.unclaimed if n in types}
+            if ch:
+                inst = dataclasses.replace(inst, **ch)
+        return inst
+
+    def _knob_view(self) -> list[Knobs]:
+        """Every knob instance this spec answers for: its own, then those of classes
+        registered since it was made (unclaimed values applied)."""
+        own = [self._resolved(type(k)) for k in self.knobs]
+        have = {type(k) for k in self.knobs}
+        return [*own, *(self._resolved(c) for c in knob_classes() if c not in have)]
 
     def __getattr__(self, name: str) -> Any:
         # only reached when normal lookup fails: a knob by its flat name, read-only
-        if not name.startswith("_"):
-            for k in self.__dict__.get("knobs", ()):
+        if not name.startswith("_") and "knobs" in self.__dict__:
+            for k in self._knob_view():
                 if name in k.__dataclass_fields__:
                     return getattr(k, name)
+            for n, v in self.unclaimed:
+                if n == name:
+                    return v
         raise AttributeError(f"{type(self).__name__!r} object has no field or policy knob {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The shared fields, then every knob by its own name (the section as a TOML file
         writes it; ``PolicySpec(**spec.to_dict()) == spec``)."""
         out: dict[str, Any] = {n: getattr(self, n) for n in _SHARED_FIELDS}
-        for k in self.knobs:
+        for k in self._knob_view():
             out.update(dataclasses.asdict(k))
+        for n, v in self.unclaimed:
+            out.setdefault(n, v)
         return out
 
 
