@@ -55,6 +55,8 @@ def selected(only: Sequence[str] | None = None) -> list[Study]:
     """The registered studies (``only``: just those, still in registration order)."""
     if only is None:
         return list(STUDIES)
+    if isinstance(only, str):
+        only = [only]
     unknown = sorted(set(only) - set(names()))
     if unknown:
         raise ConfigError(f"no reproduce study named {', '.join(unknown)}: studies are "

@@ -1,5 +1,6 @@
-"""Study 8, ``routing`` (issue 14): the headline on real-like routing, the drift-aware policy
-against ``paper`` and the oracle, and when ``od-moe`` pays. Two tables:
+"""The ``routing`` study (issue 14; its report section, unnumbered, follows study 6): the
+headline on real-like routing, the drift-aware policy against ``paper`` and the oracle, and
+when ``od-moe`` pays. Two tables:
 
 - ``routing_headline``: speedup over ``monde`` of ``paper``, ``paper-drift`` and
   ``tp-lb+oracle`` for the headline's models x NDP units, on the stationary synthetic routing
