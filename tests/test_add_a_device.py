@@ -52,7 +52,7 @@ def test_a_device_with_a_bad_figure_is_refused_naming_it() -> None:
     with pytest.raises(ConfigError, match="internal_bw_gbps"):
         presets.register_system("bad-dev", gpu={}, ndp={**FAST_NDP, "internal_bw_gbps": -1.0},
                                 link={}, description="")
-    with pytest.raises(ConfigError, match="ndp.bandwidth is not a field"):
+    with pytest.raises(ConfigError, match=r"ndp\.bandwidth is not a field"):
         presets.register_system("bad-dev", gpu={}, ndp={"bandwidth": 1.0}, link={}, description="")
     with pytest.raises(ConfigError, match="new, non-empty name"):
         presets.register_system(presets.DEFAULT_SYSTEM, gpu={}, ndp={}, link={}, description="")
