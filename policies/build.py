@@ -51,9 +51,15 @@ def policy_cost_config(cfg: Config, *classes: type) -> Config:
     unchanged; the activations an NDP unit reads (``2 * n * d_model`` fp16 values per expert,
     small beside its weights) get the same speed-up: a simplification.
     """
-    bits = min((cfg.policy.knobs_of(c.knobs_class).ndp_weight_bits for c in classes
-                if getattr(c, "uses_ndp_weight_bits", False)), default=16)
+    bits = ndp_weight_bits(cfg, *classes)
     if bits >= 16:
         return cfg
     ndp = dataclasses.replace(cfg.ndp, internal_bw_gbps=cfg.ndp.internal_bw_gbps * 16 / bits)
     return cfg.replace(ndp=ndp)
+
+
+def ndp_weight_bits(cfg: Config, *classes: type) -> int:
+    """The bit-width of a policy's NDP-side expert weights: the ``ndp_weight_bits`` knob of
+    those of its classes that set ``uses_ndp_weight_bits`` (the lowest), else 16 (fp16)."""
+    return min((cfg.policy.knobs_of(c.knobs_class).ndp_weight_bits for c in classes
+                if getattr(c, "uses_ndp_weight_bits", False)), default=16)

@@ -5,6 +5,10 @@ Order of precedence, lowest first: built-in defaults, the system preset or TOML 
 then ``--set section.field=value`` overrides in the order given. Unknown sections or fields,
 values of the wrong type and out-of-range values fail here with the field, the value and what
 is allowed, before any work starts.
+
+The ``policy`` section holds the shared policy fields and every registered policy's own knobs
+(:class:`~cluster.core.spec.Knobs`, registered with the policy by :mod:`policies`), each by its
+own name: ``--set policy.odmoe_recall=0.5`` reaches ``od-moe``'s knobs.
 """
 
 from __future__ import annotations
