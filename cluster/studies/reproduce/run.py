@@ -24,27 +24,26 @@ def jobs_of(cases: Iterable[Case]) -> list[Job]:
 
 
 def run_job(job: Job) -> dict[str, dict[str, Any]]:
-    """Worker body: the job's routing once, then every policy; returns their summaries.
+    """Worker body: the job's routing once, then every policy through the studies' shared job
+    (:func:`cluster.engines.base.run_job`); returns their summaries.
 
     Two names for one scheduler + prefetcher pair (``paper`` and ``tp-lb+prefill-freq``)
     run once: the engine is deterministic, the second gets a copy of the first's summary.
     """
     import policies
-    from cluster.core.metrics import summarize
     from cluster.core.routing import kept_routing
-    from cluster.engines.analytic import run_policy
+    from cluster.engines.base import run_job as run_policies
 
-    routing = kept_routing(job.cfg)  # the full run's 102 jobs share 17 routings
-    out: dict[str, dict[str, Any]] = {}
-    ran: dict[tuple[str, str], str] = {}  # (scheduler, prefetcher) -> the name it ran as
+    ran: dict[tuple[str, str], str] = {}  # (scheduler, prefetcher) -> the name it runs as
+    as_name = {}
     for name in job.policies:
         choice = policies.resolve(name)
-        twin = ran.setdefault((choice.scheduler, choice.prefetcher), name)
-        if twin != name:
-            out[name] = copy.deepcopy(out[twin])
-            continue
-        rec = run_policy(job.cfg, routing, name, trace_steps=range(0), lower_bounds=False)
-        s = summarize(rec, job.cfg.ndp.num_ndp_units)
+        as_name[name] = ran.setdefault((choice.scheduler, choice.prefetcher), name)
+    # the full run's 102 jobs share 17 routings
+    result = run_policies(job.cfg, kept_routing(job.cfg), list(dict.fromkeys(as_name.values())))
+    out: dict[str, dict[str, Any]] = {}
+    for name in job.policies:
+        s = copy.deepcopy(result.policies[as_name[name]].fields())
         s["cache_capacity_experts"] = job.cfg.cache_capacity_experts
         s["cache_bytes"] = job.cfg.cache_bytes
         out[name] = s
