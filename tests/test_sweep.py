@@ -150,3 +150,21 @@ def test_an_interrupted_local_sweep_stops_at_once_and_ends_its_workers(tmp_path,
     time.sleep(0.5)
     left = subprocess.run(["pgrep", "-f", "-g", str(p.pid), "multiprocessing"], capture_output=True, text=True)
     assert left.stdout.strip() == "", f"workers left behind: {left.stdout}"
+
+
+def test_a_bad_policy_knob_in_a_fresh_worker_is_an_error_row_not_a_crash():
+    """A sweep worker loads its point's config before anything else; the policies' knobs must
+    be registered by then, so a refused knob value comes back as that point's error row."""
+    import subprocess
+    import sys
+
+    code = ("import json\n"
+            "from cluster.studies.sweep import run_config\n"
+            "rows = run_config(None, 'olmoe-1b-7b', ['workload.prompt_tokens=4', "
+            "'workload.output_tokens=2'], {'policy.odmoe_recall': 2.0}, ['tp+od-moe'])\n"
+            "print(json.dumps(rows))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rows == [{"policy.odmoe_recall": 2.0, "policy": "tp+od-moe",
+                     "error": "policy.odmoe_recall = 2.0 is not allowed: must be a number in 0..1"}]

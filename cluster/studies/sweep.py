@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+import policies  # registers every policy's knobs: a worker's load_config then checks them
 from cluster.core.errors import ConfigError
 
 STRESS_AXES: dict[str, list[Any]] = {
@@ -135,8 +136,6 @@ def run_sweep(grid: Grid, system: str | None = None, model: str | None = None,
 
     load_config(system, model, None, grid.base)  # a bad base fails before any work
     for name in grid.policies:
-        import policies
-
         policies.resolve(name)
     workers = workers or os.cpu_count() or 2
     configs = grid.configs()
