@@ -32,7 +32,9 @@ def make_prefetcher(cfg: Config, name: str, routing: Routing) -> Prefetcher:
     if cls.needs_future:
         ctx.future = decode_future(routing)
     if cls.needs_calibration:
-        ctx.calibration = calibration_counts(cfg)
+        k = cfg.policy.knobs_of(cls.knobs_class)
+        ctx.calibration = calibration_counts(cfg, k.profile_tokens, k.profile_seed, k.profile_alpha,
+                                             k.profile_domain_seed)
     if cls.needs_prefill_routing:
         P = routing.prompt_tokens
         ctx.prefill_ids = routing.topk_ids[:, :P].reshape(-1, *routing.topk_ids.shape[2:])

@@ -344,22 +344,24 @@ def _nbytes(routing: Routing) -> int:
     return routing.topk_ids.nbytes + routing.topk_weights.nbytes
 
 
-def calibration_counts(cfg: Config) -> np.ndarray:
-    """[L, E] counts of a separate calibration trace for the ``profiled`` prefetcher.
+def calibration_counts(cfg: Config, tokens: int, seed: int, alpha: float = -1.0,
+                       domain_seed: int = -1) -> np.ndarray:
+    """[L, E] counts of a separate calibration trace (the ``profiled`` prefetcher's, with its
+    knobs ``profile_tokens``, ``profile_seed``, ``profile_alpha``, ``profile_domain_seed``).
 
-    Drawn from the synthetic generator with its own sampling seed ``policy.profile_seed``.
+    ``tokens`` tokens drawn from the synthetic generator with its own sampling seed ``seed``.
     By default from the same distribution as the run (same domain: the workload's seed and
-    alpha); ``policy.profile_domain_seed`` >= 0 and ``policy.profile_alpha`` >= 0 make the
-    calibration data come from a different distribution than the served prompts.
+    alpha); ``domain_seed`` >= 0 and ``alpha`` >= 0 make the calibration data come from a
+    different distribution than the served prompts.
     """
-    p, w = cfg.policy, effective_workload(cfg.workload)
-    rng = np.random.default_rng([p.profile_seed, 0xCA1])
-    alpha = w.alpha if p.profile_alpha < 0 else p.profile_alpha
-    dom = w.seed if p.profile_domain_seed < 0 else p.profile_domain_seed
-    work = WorkloadSpec(batch_size=1, prompt_tokens=1, output_tokens=p.profile_tokens,
+    w = effective_workload(cfg.workload)
+    rng = np.random.default_rng([seed, 0xCA1])
+    alpha = w.alpha if alpha < 0 else alpha
+    dom = w.seed if domain_seed < 0 else domain_seed
+    work = WorkloadSpec(batch_size=1, prompt_tokens=1, output_tokens=tokens,
                         alpha=alpha, reuse=w.reuse, drift=w.drift, drift_share=w.drift_share,
                         seed=w.seed)
-    r = synthetic(cfg.model, work, rng, alpha=alpha, positions=p.profile_tokens, domain_seed=dom)
+    r = synthetic(cfg.model, work, rng, alpha=alpha, positions=tokens, domain_seed=dom)
     L, E = cfg.model.num_layers, cfg.model.num_experts
     out = np.zeros((L, E), dtype=np.int64)
     for lay in range(L):

@@ -26,7 +26,7 @@ from cluster.core.cost import CostModel
 from cluster.core.metrics import PolicyRecords, StepRecord, TokenRecord
 from cluster.core.selection import Routing, decode_groups, group_by_expert
 from cluster.core.spec import Config
-from policies.build import make_prefetcher, policy_cost_config
+from policies.build import make_prefetcher, ndp_weight_bits, policy_cost_config
 from policies.prefetch import Key, Prefetcher
 
 
@@ -159,13 +159,14 @@ class Episode:
         self.lower_bounds = lower_bounds  # False: StepRecord.lower_bound_s stays 0 (not needed)
         choice = policies.resolve(name)
         sched_cls = policies.get("scheduler", choice.scheduler)
-        cost_cfg = policy_cost_config(cfg, sched_cls, policies.get("prefetcher", choice.prefetcher))
+        pf_cls = policies.get("prefetcher", choice.prefetcher)
+        cost_cfg = policy_cost_config(cfg, sched_cls, pf_cls)
         self.cost = CostModel(cost_cfg)  # policy-specific (NDP weight bits); cfg stays as loaded
         self.sched = sched_cls(cfg, self.cost)
         self.pf = make_prefetcher(cfg, choice.prefetcher, routing)
         self.rec = PolicyRecords(name, choice.scheduler, choice.prefetcher)
         if cost_cfg is not cfg:
-            self.rec.extra["ndp_weight_bits"] = cfg.policy.ndp_weight_bits
+            self.rec.extra["ndp_weight_bits"] = ndp_weight_bits(cfg, sched_cls, pf_cls)
         self.executor = executor or Executor()
         self.trace_steps = trace_steps
         self.bg = BackgroundLink(self.cost)
