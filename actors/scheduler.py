@@ -20,14 +20,20 @@ hop is modelled as one link latency each way (router -> scheduler, scheduler -> 
 with ``emulate.charge_decision_time`` each plan also holds the step for the real time the
 policy took to decide (host speed, undilated).
 
-Faults (DESIGN.md section 9) are the :class:`Dispatcher`'s business: deadlines on every
+Faults (DESIGN.md section 9) are the :class:`~actors.dispatcher.Dispatcher`'s business: deadlines on every
 wait, heartbeats (a device silent for ``emulate.heartbeat_timeout_s`` is dead, and the run
 fails naming it and the step it was given, or with ``emulate.recover`` waits for Ray to
 restart it and brings it up to date: :meth:`SchedulerCore._on_rejoin`), and with a drop fault
 numbered, acknowledged commands that are sent again when lost. While a fault the scheduler
-injected is found and repaired the whole emulated system is paused (:class:`World`), so the
-wall time that takes is not emulated time. A failed run leaves what it recorded with
-:meth:`SchedulerCore.partial`.
+injected is found and repaired the whole emulated system is paused
+(:class:`~actors.world.World`), so the wall time that takes is not emulated time. A failed run
+leaves what it recorded with :meth:`SchedulerCore.partial`.
+
+The scheduler's modules: :mod:`actors.dispatcher` (messaging, deadlines, heartbeats, retries;
+:mod:`actors.events` checks what devices send), :mod:`actors.world` (the pause),
+:mod:`actors.policy_run` (one policy's plans, commands and books), and this one
+(:class:`SchedulerCore`: a run from reset to reports, and recovery). Names of the peers come
+from :mod:`actors.peers`.
 """
 
 from __future__ import annotations
@@ -60,7 +66,9 @@ class SchedulerCore:
     """The scheduler actor's body: run policies, collect outputs. Plain class (Ray-free).
 
     Keeps the running policy's records (:meth:`partial`) so that a driver can fetch what a
-    failed run produced.
+    failed run produced. ``clock`` is its only time source, and its dispatcher's (default
+    :func:`~actors.clock.wall_now`); the devices and the link read wall time, so only a clock
+    that reads wall time drives real ones (a virtual clock is for tests of the waits alone).
     """
 
     def __init__(self, cfg: Config, routing: Routing, transport: Transport,
