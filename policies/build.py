@@ -45,19 +45,18 @@ def make_prefetcher(cfg: Config, name: str, routing: Routing) -> Prefetcher:
 def policy_cost_config(cfg: Config, *classes: type) -> Config:
     """The config a policy's cost model is built from: ``cfg``, unless one of its classes
     (scheduler, prefetcher) sets ``uses_ndp_weight_bits`` and the ``ndp_weight_bits`` of its
-    own knobs (``policy.ndp_weight_bits`` for ``context-aware``) is < 16.
+    own knobs (``policy.ndp_weight_bits`` for ``context-aware``) is below ``ndp.weight_bits``.
 
-    Then NDP-side expert weights are read at ``bits / 16`` of their fp16 bytes, modelled as
-    an NDP internal bandwidth ``16 / bits`` times higher, so that every user of the cost model
-    (plans, timing, lower bounds, both engines) agrees. NDP flops, the link and the GPU are
-    unchanged; the activations an NDP unit reads (``2 * n * d_model`` fp16 values per expert,
-    small beside its weights) get the same speed-up: a simplification.
+    Then the NDP side stores its experts at those bits: ``ndp.weight_bits`` of the returned
+    config, which the cost model reads (an NDP unit reads fewer weight bytes, a fetched expert
+    moves fewer), so every user of it (plans, timing, lower bounds, both engines and the
+    emulated devices, which are sent this config) agrees. Flops, activations and the GPU's own
+    weights do not change.
     """
     bits = ndp_weight_bits(cfg, *classes)
-    if bits >= 16:
+    if bits >= cfg.ndp.weight_bits:
         return cfg
-    ndp = dataclasses.replace(cfg.ndp, internal_bw_gbps=cfg.ndp.internal_bw_gbps * 16 / bits)
-    return cfg.replace(ndp=ndp)
+    return cfg.replace(ndp=dataclasses.replace(cfg.ndp, weight_bits=bits))
 
 
 def ndp_weight_bits(cfg: Config, *classes: type) -> int:

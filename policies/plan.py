@@ -380,7 +380,7 @@ def lower_bound_s(plan: Plan, cost: CostModel, num_units: int) -> float:
     its ``k`` non-empty slices reads the tokens' activations (``k`` times the activation bytes).
     """
     d_ff = cost.cfg.model.d_ff
-    fpt, wbytes, abytes = cost.expert_flops_per_token, cost.expert_bytes, 2 * cost.act_bytes_per_token
+    fpt, wbytes, abytes = cost.expert_flops_per_token, cost.ndp_expert_bytes, 2 * cost.act_bytes_per_token
     ndp_bytes = ndp_flops = gpu_s = 0.0
     for t in plan.tasks:
         n = len(t.tokens)

@@ -139,3 +139,57 @@ def test_fetch_then_gpu_beats_ndp_only_when_many_tokens_share_the_expert(cost: C
     # the MoNDE hot-expert criterion: at one token the NDP unit wins, at many the GPU does
     assert cost.fetch_s() + cost.gpu_expert_s(1) > cost.ndp_expert_s(1)
     assert cost.fetch_s() + cost.gpu_expert_s(512) < cost.ndp_expert_s(512)
+
+
+# --- weight precision per device ---------------------------------------------------------------
+
+def test_a_quantised_model_reads_and_moves_fewer_weight_bytes_on_every_device(cost: CostModel) -> None:
+    """gpu.weight_bits = ndp.weight_bits = 4: every weight byte count is a quarter (exact:
+    3 * 2048 * 768 is a multiple of 2); flops, activations, the KV cache and rates do not move."""
+    q = CostModel(load_config(overrides=["gpu.weight_bits=4", "ndp.weight_bits=4"]))
+    assert q.gpu_expert_bytes == q.ndp_expert_bytes == q.expert_bytes == EXPERT_BYTES // 4
+    assert q.ndp_expert_s(1) == pytest.approx(1e-6 + (EXPERT_BYTES / 4 + 2 * ACT_BYTES_PER_TOKEN) / 76.8e9,
+                                              rel=1e-12)
+    assert q.fetch_s() == pytest.approx(2e-6 + EXPERT_BYTES / 4 / 50e9, rel=1e-12)
+    assert q.gpu_expert_roofline_s(1) == pytest.approx((EXPERT_BYTES / 4 + 2 * ACT_BYTES_PER_TOKEN) / 960e9,
+                                                       rel=1e-12)
+    # compute-bound work is unchanged: 512 tokens on the GPU are flops-bound at both precisions
+    assert q.gpu_expert_roofline_s(512) == cost.gpu_expert_roofline_s(512)
+    # the GPU's own layers read a quarter of their weights, the KV cache as before
+    kv = 1 * 1024 * q.cfg.model.kv_elems_per_token_layer * 2
+    w16 = cost.gpu_layer_s(1, 1024, 1) - 2 * 5e-6
+    w4 = q.gpu_layer_s(1, 1024, 1) - 2 * 5e-6
+    params = q.cfg.model.gpu_layer_params
+    assert w16 - w4 == pytest.approx((params * 2 - params // 2) / 960e9, rel=1e-9)
+    assert w4 > (kv / 960e9)
+
+
+def test_reduced_bit_ndp_experts_change_only_the_ndp_side_and_the_link() -> None:
+    base = load_config()
+    c = load_config(overrides=["ndp.weight_bits=4"])
+    assert c.gpu_expert_bytes == base.gpu_expert_bytes == EXPERT_BYTES
+    assert c.ndp_expert_bytes == EXPERT_BYTES // 4
+    assert c.cache_capacity_experts == base.cache_capacity_experts  # the GPU holds fp16 experts
+    q = load_config(overrides=["gpu.weight_bits=8"])  # the GPU's weights and cache at 8 bits
+    assert q.gpu_resident_bytes == q.model.non_expert_params  # one byte per weight
+    # half-size experts in a budget that grew (the resident weights halved): over twice as many
+    assert q.cache_capacity_experts >= 2 * base.cache_capacity_experts
+
+
+@pytest.mark.parametrize("section, value", [("gpu", 0), ("ndp", 17), ("ndp", 4.5), ("gpu", True)])
+def test_weight_bits_outside_1_to_16_are_refused_naming_field_and_value(section: str, value) -> None:
+    from cluster.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"{section}\.weight_bits = "):
+        load_config(overrides=[f"{section}.weight_bits={str(value).lower()}"])
+
+
+def test_ndp_capacity_is_checked_at_the_ndp_side_bits() -> None:
+    """Mixtral-8x22B's routed experts (~270 GB fp16) overflow 2 x 64 GiB DIMMs at 16 bits and
+    fit at 4 bits (a quarter)."""
+    from cluster.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not fit the NDP units"):
+        load_config("edge-rtx5080-ndp2", "mixtral-8x22b")
+    cfg = load_config("edge-rtx5080-ndp2", "mixtral-8x22b", overrides=["ndp.weight_bits=4"])
+    assert cfg.ndp_expert_bytes * cfg.model.num_layers * cfg.model.num_experts < 2 * cfg.ndp.capacity_bytes

@@ -184,9 +184,13 @@ def test_reduced_ndp_bit_width_speeds_up_context_aware_and_nothing_else(tiny) ->
     # the bit-width belongs to the policies that ask for it: others time exactly as before
     for name in ("paper", "monde", "monde-tp", "tp-lb+prefill-freq"):
         assert e2e(cfg4, routing, name) == e2e(cfg16, routing, name), name
-    # 4 bits: a quarter of the weight bytes per NDP unit, through the policy's own cost model
-    ep4 = Episode(cfg4, routing, "context-aware")
-    assert ep4.cfg is cfg4 and ep4.cost.ndp_bw_bytes_per_s == pytest.approx(4 * Episode(cfg16, routing, "context-aware").cost.ndp_bw_bytes_per_s)
+    # 4 bits: a quarter of the weight bytes per NDP unit (exact: expert_params is a multiple of
+    # 4), through the policy's own cost model; bandwidths, flops and the GPU's bytes unchanged
+    ep4, ep16 = Episode(cfg4, routing, "context-aware"), Episode(cfg16, routing, "context-aware")
+    assert ep4.cfg is cfg4 and ep4.cost.ndp_expert_bytes * 4 == ep16.cost.ndp_expert_bytes
+    assert ep4.cost.gpu_expert_bytes == ep16.cost.gpu_expert_bytes == cfg16.model.expert_bytes
+    assert ep4.cost.ndp_bw_bytes_per_s == ep16.cost.ndp_bw_bytes_per_s
+    assert ep4.cost.cfg.ndp.weight_bits == 4 and cfg4.ndp.weight_bits == 16
     assert policy_cost_config(cfg16, policies.get("prefetcher", "context-aware")) is cfg16
     rec = run_policy(cfg4, routing, "context-aware")
     assert summarize(rec, 4)["ndp_weight_bits"] == 4

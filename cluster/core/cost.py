@@ -9,8 +9,12 @@ A SwiGLU expert (gate and up ``d_model x d_ff``, down ``d_ff x d_model``) applie
 tokens, restricted to a fraction ``f`` of its ``d_ff`` columns (a tensor-parallel slice):
 
     flops = 2 * 3 * d_model * d_ff * f * n
-    bytes = 3 * d_model * d_ff * f * 2          (fp16 weights, read once)
+    bytes = 3 * d_model * d_ff * f * bits / 8   (weights at the device's weight_bits, read once)
           + 2 * n * d_model * 2                 (fp16 activations in and partial out)
+
+Weight precision is per device (``gpu.weight_bits``, ``ndp.weight_bits``; 16 = fp16): the GPU
+reads its layers and cached experts at its bits, an NDP unit its experts at its own, and a
+fetched expert crosses the link as the NDP side stores it. Flops do not change with bits.
 
 Bandwidths are in GB/s (1e9 bytes/s), compute in TFLOPS/GFLOPS (1e12/1e9 flop/s).
 
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.core.spec import BYTES_PER_ACT, BYTES_PER_PARAM, Config
+from cluster.core.spec import BYTES_PER_ACT, Config, weight_bytes
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,10 @@ class CostModel:
         s(self, "ndp_launch_s", c.ndp.launch_overhead_us * 1e-6)
         s(self, "link_bw_bytes_per_s", c.link.bw_gbps * 1e9)
         s(self, "link_latency_s", (c.link.latency_us + faults.link_delay_us) * 1e-6)
-        s(self, "expert_bytes", m.expert_bytes)
+        s(self, "gpu_expert_bytes", c.gpu_expert_bytes)
+        s(self, "ndp_expert_bytes", c.ndp_expert_bytes)
+        s(self, "expert_bytes", c.ndp_expert_bytes)  # as moved over the link (fetch, prefetch)
+        s(self, "gpu_weight_bits", c.gpu.weight_bits)
         s(self, "expert_flops_per_token", 2 * m.expert_params)
         s(self, "act_bytes_per_token", m.d_model * BYTES_PER_ACT)
         # expert durations by (tokens, column fraction): asked for again and again by the
@@ -81,17 +88,19 @@ class CostModel:
         return self.link_latency_s + nbytes / self.link_bw_bytes_per_s
 
     # --- experts ----------------------------------------------------------------------------
-    def expert_work(self, n_tokens: int, frac: float = 1.0) -> tuple[float, float]:
-        """(flops, bytes) of a SwiGLU expert slice covering ``frac`` of d_ff for ``n_tokens``."""
+    def expert_work(self, n_tokens: int, frac: float = 1.0, on_gpu: bool = False) -> tuple[float, float]:
+        """(flops, bytes) of a SwiGLU expert slice covering ``frac`` of d_ff for ``n_tokens``,
+        its weights at the GPU's or the NDP side's bits."""
         flops = self.expert_flops_per_token * frac * n_tokens
-        nbytes = self.expert_bytes * frac + 2 * n_tokens * self.act_bytes_per_token
+        weights = self.gpu_expert_bytes if on_gpu else self.ndp_expert_bytes
+        nbytes = weights * frac + 2 * n_tokens * self.act_bytes_per_token
         return flops, nbytes
 
     def gpu_expert_s(self, n_tokens: int, frac: float = 1.0) -> float:
         key = (n_tokens, frac)
         s = self._gpu_expert_memo.get(key)
         if s is None:
-            s = self._gpu_expert_memo[key] = self.gpu_compute_s(*self.expert_work(n_tokens, frac))
+            s = self._gpu_expert_memo[key] = self.gpu_compute_s(*self.expert_work(n_tokens, frac, True))
         return s
 
     def gpu_expert_roofline_s(self, n_tokens: int, frac: float = 1.0) -> float:
@@ -99,7 +108,7 @@ class CostModel:
         key = (n_tokens, frac)
         s = self._roofline_memo.get(key)
         if s is None:
-            flops, nbytes = self.expert_work(n_tokens, frac)
+            flops, nbytes = self.expert_work(n_tokens, frac, True)
             s = self._roofline_memo[key] = max(flops / self.gpu_flops_per_s, nbytes / self.gpu_bw_bytes_per_s)
         return s
 
@@ -141,7 +150,7 @@ class CostModel:
         params = m.gpu_layer_params
         kv = batch * context_tokens * m.kv_elems_per_token_layer * BYTES_PER_ACT
         flops = 2 * params * n_tokens + 4 * n_tokens * context_tokens * m.num_heads * m.head_dim
-        nbytes = params * BYTES_PER_PARAM + kv + 2 * n_tokens * self.act_bytes_per_token
+        nbytes = weight_bytes(params, self.gpu_weight_bits) + kv + 2 * n_tokens * self.act_bytes_per_token
         kernels = 3 + (1 if m.num_shared_experts else 0)  # attention, router, norm/residual, shared
         return (kernels - 1) * self.gpu_launch_s + self.gpu_compute_s(flops, nbytes)
 
@@ -151,14 +160,14 @@ class CostModel:
         params = m.dense_layer_params
         kv = batch * context_tokens * m.kv_elems_per_token_layer * BYTES_PER_ACT
         flops = 2 * params * n_tokens + 4 * n_tokens * context_tokens * m.num_heads * m.head_dim
-        nbytes = params * BYTES_PER_PARAM + kv + 2 * n_tokens * self.act_bytes_per_token
+        nbytes = weight_bytes(params, self.gpu_weight_bits) + kv + 2 * n_tokens * self.act_bytes_per_token
         return 2 * self.gpu_launch_s + self.gpu_compute_s(flops, nbytes)
 
     def gpu_head_s(self, n_tokens: int) -> float:
         """Embedding lookup and LM head for ``n_tokens`` output positions."""
         m = self.cfg.model
         params = m.vocab_size * m.d_model
-        return self.gpu_compute_s(2 * params * n_tokens, params * BYTES_PER_PARAM)
+        return self.gpu_compute_s(2 * params * n_tokens, weight_bytes(params, self.gpu_weight_bits))
 
     def gpu_combine_s(self, n_tokens: int, n_partials: int) -> float:
         """Summing ``n_partials`` gate-weighted partial outputs into the residual stream."""

@@ -5,8 +5,10 @@ dataclasses: constructing one validates its own ranges (no I/O); :func:`cluster.
 builds them from presets, TOML files, Hugging Face ``config.json`` files and ``--set`` overrides
 and checks what spans sections (top-k against experts, experts against NDP capacity).
 
-Model bytes are fp16 (:data:`BYTES_PER_PARAM`) in the cost model whatever dtype the real
-matmuls of the emulator use.
+Weight bytes follow each device's ``weight_bits`` (16: fp16, the default; 8 or 4 for a
+quantised model; ``ndp.weight_bits`` alone for reduced-bit NDP experts), whatever dtype the
+real matmuls of the emulator use; activations and the KV cache are fp16
+(:data:`BYTES_PER_ACT`).
 """
 
 from __future__ import annotations
@@ -101,6 +103,16 @@ def coerce_value(section: str, key: str, want: Any, value: Any) -> Any:
     return value
 
 
+def _weight_bits(section: str, bits: Any) -> None:
+    _check(section, "weight_bits", bits, isinstance(bits, int) and not isinstance(bits, bool)
+           and 1 <= bits <= 16, "an integer in 1..16 (16: fp16; 8 or 4: a quantised model)")
+
+
+def weight_bytes(params: int, bits: int) -> int:
+    """Bytes of ``params`` weights stored at ``bits`` bits each (rounded up)."""
+    return -(-params * bits // 8)
+
+
 @dataclass(frozen=True)
 class GpuSpec:
     """The edge GPU: memory, memory bandwidth, peak compute and per-kernel launch cost."""
@@ -111,11 +123,13 @@ class GpuSpec:
     mem_bw_gbps: float = 960.0
     peak_tflops: float = 112.0
     launch_overhead_us: float = 5.0
+    weight_bits: int = 16  # bits per weight the GPU holds (its layers and its cached experts)
 
     def __post_init__(self) -> None:
         _integers(self.SECTION, self, "mem_bytes")
         _positive(self.SECTION, self, "mem_bw_gbps", "peak_tflops")
         _non_negative(self.SECTION, self, "launch_overhead_us")
+        _weight_bits(self.SECTION, self.weight_bits)
 
 
 @dataclass(frozen=True)
@@ -128,8 +142,10 @@ class NdpSpec:
     internal_bw_gbps: float = 76.8
     peak_gflops: float = 512.0
     launch_overhead_us: float = 1.0
+    weight_bits: int = 16  # bits per expert weight in NDP memory (what a unit reads, what it ships)
 
     def __post_init__(self) -> None:
+        _weight_bits(self.SECTION, self.weight_bits)
         _integers(self.SECTION, self, "num_ndp_units", "capacity_bytes")
         _check(self.SECTION, "num_ndp_units", self.num_ndp_units,
                self.num_ndp_units <= MAX_NDP_UNITS, f"an integer in 1..{MAX_NDP_UNITS}")
@@ -246,11 +262,14 @@ class ModelSpec:
         return self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
 
     @property
-    def non_expert_bytes(self) -> int:
+    def non_expert_params(self) -> int:
         """Everything that lives on the GPU for good: all but the routed experts."""
-        params = (self.num_layers * self.gpu_layer_params
-                  + self.num_dense_layers * self.dense_layer_params + self.embedding_params)
-        return params * BYTES_PER_PARAM
+        return (self.num_layers * self.gpu_layer_params
+                + self.num_dense_layers * self.dense_layer_params + self.embedding_params)
+
+    @property
+    def non_expert_bytes(self) -> int:
+        return self.non_expert_params * BYTES_PER_PARAM
 
     @property
     def kv_elems_per_token_layer(self) -> int:
@@ -701,6 +720,23 @@ class Config:
         ``faults.run`` happens to the emulation cluster only (kills, dropped commands)."""
         return parse_inject(self.emulate.inject)
 
+    # --- weight bytes at each device's precision --------------------------------------------
+    @property
+    def gpu_expert_bytes(self) -> int:
+        """One expert as the GPU holds it (``gpu.weight_bits``)."""
+        return weight_bytes(self.model.expert_params, self.gpu.weight_bits)
+
+    @property
+    def ndp_expert_bytes(self) -> int:
+        """One expert as an NDP unit stores it (``ndp.weight_bits``): what it reads to compute,
+        and what crosses the link when the GPU fetches it (the only copy is on the NDP side)."""
+        return weight_bytes(self.model.expert_params, self.ndp.weight_bits)
+
+    @property
+    def gpu_resident_bytes(self) -> int:
+        """The GPU's own weights (all but the routed experts) at ``gpu.weight_bits``."""
+        return weight_bytes(self.model.non_expert_params, self.gpu.weight_bits)
+
     @property
     def fetch_buffer_experts(self) -> int:
         n = self.policy.fetch_buffer_experts or self.model.num_experts
@@ -709,8 +745,8 @@ class Config:
     @property
     def auto_cache_bytes(self) -> int:
         m = self.model
-        need = (m.non_expert_bytes + m.kv_bytes(self.workload.batch_size * self.workload.max_context)
-                + self.fetch_buffer_experts * m.expert_bytes)
+        need = (self.gpu_resident_bytes + m.kv_bytes(self.workload.batch_size * self.workload.max_context)
+                + self.fetch_buffer_experts * self.gpu_expert_bytes)
         return max(0, self.gpu.mem_bytes - need)
 
     @property
@@ -720,7 +756,7 @@ class Config:
 
     @property
     def cache_capacity_experts(self) -> int:
-        return self.cache_bytes // self.model.expert_bytes
+        return self.cache_bytes // self.gpu_expert_bytes
 
 
 SECTIONS: dict[str, type] = {
@@ -739,26 +775,28 @@ def check_fits(cfg: Config) -> None:
     check_against(cfg.emulate.inject, cfg.ndp.num_ndp_units, cfg.workload.output_tokens)
     m, n = cfg.model, cfg.ndp
     per_unit_experts = math.ceil(m.num_experts / n.num_ndp_units)
-    per_unit = m.num_layers * per_unit_experts * m.expert_bytes
+    per_unit = m.num_layers * per_unit_experts * cfg.ndp_expert_bytes
+    routed = m.num_layers * m.num_experts * cfg.ndp_expert_bytes
     if per_unit > n.capacity_bytes:
-        need_units = math.ceil(m.routed_expert_bytes / n.capacity_bytes)
+        need_units = math.ceil(routed / n.capacity_bytes)
         if need_units <= MAX_NDP_UNITS:
             advice = f"use ndp.num_ndp_units >= {need_units} or a larger ndp.capacity_bytes"
         else:  # no allowed unit count is enough: only the capacity can fix it
-            at_max = m.num_layers * math.ceil(m.num_experts / MAX_NDP_UNITS) * m.expert_bytes
+            at_max = m.num_layers * math.ceil(m.num_experts / MAX_NDP_UNITS) * cfg.ndp_expert_bytes
             advice = (f"even {MAX_NDP_UNITS} units (the most allowed) would need "
                       f"ndp.capacity_bytes >= {at_max} ({_gb(at_max)}); use a larger "
                       "ndp.capacity_bytes")
         raise ConfigError(
             f"model {m.name!r} does not fit the NDP units: its routed experts take "
-            f"{_gb(m.routed_expert_bytes)}, {_gb(per_unit)} per unit over {n.num_ndp_units} units, "
+            f"{_gb(routed)}, {_gb(per_unit)} per unit over {n.num_ndp_units} units, "
             f"but ndp.capacity_bytes = {n.capacity_bytes} ({_gb(n.capacity_bytes)}); {advice}"
         )
-    gpu_need = m.non_expert_bytes + m.kv_bytes(cfg.workload.batch_size * cfg.workload.max_context)
+    resident = cfg.gpu_resident_bytes
+    gpu_need = resident + m.kv_bytes(cfg.workload.batch_size * cfg.workload.max_context)
     if gpu_need > cfg.gpu.mem_bytes:
         raise ConfigError(
-            f"model {m.name!r} does not fit the GPU: non-expert weights {_gb(m.non_expert_bytes)} "
-            f"plus KV cache {_gb(gpu_need - m.non_expert_bytes)} for batch "
+            f"model {m.name!r} does not fit the GPU: non-expert weights {_gb(resident)} "
+            f"plus KV cache {_gb(gpu_need - resident)} for batch "
             f"{cfg.workload.batch_size} x {cfg.workload.max_context} tokens = {_gb(gpu_need)}, "
             f"but gpu.mem_bytes = {cfg.gpu.mem_bytes} ({_gb(cfg.gpu.mem_bytes)})"
         )
