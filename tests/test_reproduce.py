@@ -106,6 +106,20 @@ def test_prefetchers_include_the_shifted_calibration_and_registered_neighbours(q
         assert registered == bool({name, f"tp-lb+{name}"} & ran), name
 
 
+def test_context_aware_runs_with_reduced_bit_ndp_experts_and_says_what_that_costs(quick_run) -> None:
+    """Its rows run at 8 and 4 NDP bits (not at fp16, where it would be prefill-freq's pinning
+    plus MoNDE's rule); fewer bits read fewer bytes, so 4 bits is faster than 8 for every model."""
+    rows = [r for r in _csv(quick_run / "prefetchers.csv") if r["policy"] == "context-aware"]
+    widths = {r["variant"].rsplit(", ", 1)[1] for r in rows}
+    assert widths == {f"{b}-bit NDP experts" for b in prefetchers.REDUCED_BITS} == {
+        "8-bit NDP experts", "4-bit NDP experts"}
+    for model in {r["model"] for r in rows}:
+        by = {r["variant"].rsplit(", ", 1)[1]: float(r["e2e_latency_s"]) for r in rows if r["model"] == model}
+        assert by["4-bit NDP experts"] < by["8-bit NDP experts"], model
+    report = (quick_run / "report.md").read_text()
+    assert "this emulator does not measure that accuracy cost" in report
+
+
 def test_sensitivity_has_a_base_row_and_both_directions_of_each_scaled_assumption(quick_run) -> None:
     rows = _csv(quick_run / "sensitivity.csv")
     assert sum(r["assumption"] == "base" for r in rows) == 1
