@@ -22,6 +22,7 @@ from cluster.core.faults import Kill
 from cluster.core.selection import Routing, group_by_expert
 from cluster.core.spec import Config
 from policies.build import make_prefetcher, policy_cost_config
+from policies.prefetch import Decision
 
 
 @dataclass
@@ -93,6 +94,7 @@ class PolicyRun:
         self.N = cfg.ndp.num_ndp_units
         self.d_ff = cfg.model.d_ff
         self.order = step_order(cfg, decode_steps)
+        self.held: dict[int, set[int]] = {}  # layer -> experts the prefetcher holds, per its decisions
         self.landed: dict[tuple[int, int], int] = {}  # key -> transfer id, on the GPU
         self.inflight: dict[tuple[int, int], int] = {}  # key -> transfer id, prefetch in flight
         self.pids = itertools.count(1)
@@ -131,14 +133,15 @@ class PolicyRun:
         ids, weights = self._step_routing(phase, step, layer)
         routed = group_by_expert(ids)
         pf = self.pf
-        resident = frozenset(e for e in pf.cache.layer(layer) if (layer, e) in self.landed)
+        resident = frozenset(e for e in self.held.get(layer, ()) if (layer, e) in self.landed)
         inp = policies.StepInput(layer, phase, routed, resident)
         plan = self.sched.plan(inp)
         more: list[tuple[int, int]] = []
+        evicted: list[tuple[int, int]] = []
         fetched_whole = [fe.expert for fe in plan.fetches if fe.col_start == 0 and fe.col_end == self.d_ff]
         if phase == "decode":
-            more = pf.after_step(layer, step - 1, {e: len(v) for e, v in routed.items()}, fetched_whole)
-        evicted = self._drain_evicted()
+            said = pf.decide_after_step(layer, step - 1, {e: len(v) for e, v in routed.items()}, fetched_whole)
+            more, evicted = list(said.fetch), self.apply(said)
         self.sched.observe(inp)
         decision = self.net.clock() - t0
         self.stats.decisions_s.append(decision)
@@ -157,7 +160,7 @@ class PolicyRun:
         on their way (each gets a transfer id and its place in the link's issue order)."""
         pre: dict[int, list[list[int]]] = {}
         for key in keys:
-            if key in self.landed or key in self.inflight or key not in self.pf.cache:
+            if key in self.landed or key in self.inflight or not self.holds(key):
                 continue
             pid = next(self.pids)
             self.inflight[key] = pid
@@ -165,11 +168,18 @@ class PolicyRun:
                                                         next(self.orders)])
         return pre
 
-    def _drain_evicted(self) -> list[tuple[int, int]]:
-        cache = self.pf.cache
-        out = [k for k in cache.evicted if k not in cache]
-        cache.evicted.clear()
-        return out
+    def apply(self, d: Decision) -> list[tuple[int, int]]:
+        """A prefetcher's decision: what it holds from now on (the scheduler never looks into
+        its cache); returns the keys it evicted."""
+        held = self.held
+        for lay, e in (*d.fetch, *d.admit):
+            held.setdefault(lay, set()).add(e)
+        for lay, e in d.evict:
+            held[lay].discard(e)
+        return list(d.evict)
+
+    def holds(self, key: tuple[int, int]) -> bool:
+        return key[1] in self.held.get(key[0], ())
 
     def _dispatch(self, seq: int, phase: str, step: int, layer: int, plan: policies.Plan,
                   ids: np.ndarray, weights: np.ndarray, more: list[tuple[int, int]],
@@ -215,7 +225,7 @@ class PolicyRun:
                 pid = next(self.pids)
                 ships.setdefault(fe.expert % N, []).append(
                     [layer, fe.expert, fe.col_start, fe.col_end, pid, order])
-                if whole and key in self.pf.cache:  # admitted: the GPU keeps it when it lands
+                if whole and self.holds(key):  # admitted: the GPU keeps it when it lands
                     keep.append(pid)
                     self.inflight[key] = pid
             fetch_pid[(fe.expert, fe.col_start, fe.col_end)] = pid
@@ -287,8 +297,8 @@ class PolicyRun:
         if int(f["step"]) != 0:
             return
         counts = self.routing.prefill_counts(self.cfg.model.num_experts)
-        more = self.pf.after_prefill(counts)
-        evicted = self._drain_evicted()
+        said = self.pf.decide_after_prefill(counts)
+        more, evicted = list(said.fetch), self.apply(said)
         at = float(f["at_s"]) + self.D * self.lat_s
         pre = self._prefetch_orders(more)
         for key in evicted:  # (a prefetcher that evicts at the end of prefill)

@@ -294,7 +294,9 @@ class SchedulerCore:
     def _preload(self, run: PolicyRun) -> None:
         """Keys the prefetcher holds from the start (model load time): shipped for real over
         the link with throttling off, before the run's clock starts."""
-        keys = run.pf.preload()
+        said = run.pf.decide_preload()
+        run.apply(said)
+        keys = list(said.fetch)
         if not keys:
             return
         pre: dict[int, list[list[int]]] = {}

@@ -37,7 +37,8 @@ class ExpertCache:
         self.capacity = capacity
         self._keys: OrderedDict[Key, None] = OrderedDict()
         self._by_layer: dict[int, set[int]] = {}
-        self.evicted: list[Key] = []  # drained by the engine (cancels queued fetches)
+        self._added: list[Key] = []  # keys new to the cache since the last drain
+        self._removed: list[Key] = []  # keys removed since the last drain
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys
@@ -60,6 +61,7 @@ class ExpertCache:
             raise OverflowError(f"expert cache full ({self.capacity} experts); evict first")
         self._keys[key] = None
         self._by_layer.setdefault(key[0], set()).add(key[1])
+        self._added.append(key)
 
     def touch(self, key: Key) -> None:
         self._keys.move_to_end(key)
@@ -67,7 +69,17 @@ class ExpertCache:
     def remove(self, key: Key) -> None:
         del self._keys[key]
         self._by_layer[key[0]].discard(key[1])
-        self.evicted.append(key)
+        self._removed.append(key)
+
+    def drain(self) -> tuple[list[Key], list[Key]]:
+        """``(added, removed)`` since the last drain: keys put in that are still in, keys taken
+        out that are still out (a key taken out and put back counts as added; one put in and
+        taken out as removed: applying both lists to the old contents gives the new ones)."""
+        added = [k for k in dict.fromkeys(self._added) if k in self._keys]
+        removed = [k for k in dict.fromkeys(self._removed) if k not in self._keys]
+        self._added.clear()
+        self._removed.clear()
+        return added, removed
 
     def oldest(self) -> Key:
         return next(iter(self._keys))
@@ -95,8 +107,29 @@ class PrefetchContext:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What a prefetcher decided at one hook, the only thing an engine learns from it.
+
+    ``fetch``: keys to move to the GPU in the background, in issue order (at preload: keys
+    resident at no cost). ``admit``: keys it now holds that need no fetch (experts fetched on
+    demand this step that it keeps). ``evict``: keys it no longer holds (they stop serving at
+    once; their queued fetches are cancelled). The engine's view of what the prefetcher holds
+    is the sum of its decisions.
+    """
+
+    fetch: tuple[Key, ...] = ()
+    admit: tuple[Key, ...] = ()
+    evict: tuple[Key, ...] = ()
+
+
 class Prefetcher:
     """No prefetching; the cache stays empty. Base class of the others.
+
+    A prefetcher writes its hooks (:meth:`preload`, :meth:`after_prefill`, :meth:`after_step`:
+    each changes its own :class:`ExpertCache` and returns the keys to fetch); engines call
+    :meth:`decide_preload`, :meth:`decide_after_prefill` and :meth:`decide_after_step`, which
+    run the hook and return its :class:`Decision`. Engines never look into the cache.
 
     Class flags the engines read: ``needs_future``, ``needs_prefill_routing`` and
     ``needs_calibration`` (fill those :class:`PrefetchContext` fields; see ``policies.build``);
@@ -119,6 +152,27 @@ class Prefetcher:
         self.cache = ExpertCache(ctx.capacity)
         self.num_layers = ctx.cfg.model.num_layers
 
+    # --- what engines call ----------------------------------------------------------------
+    def decide_preload(self) -> Decision:
+        return self._decision(self.preload())
+
+    def decide_after_prefill(self, counts: np.ndarray) -> Decision:
+        return self._decision(self.after_prefill(counts))
+
+    def decide_after_step(self, layer: int, step: int, routed: Mapping[int, int],
+                          fetched: Iterable[int]) -> Decision:
+        return self._decision(self.after_step(layer, step, routed, fetched))
+
+    def acts_after_steps(self) -> bool:
+        """Whether :meth:`after_step` can decide anything (an engine may skip calling it)."""
+        return getattr(self.after_step, "__func__", None) is not Prefetcher.after_step
+
+    def _decision(self, fetch: list[Key]) -> Decision:
+        added, removed = self.cache.drain()
+        asked = set(fetch)
+        return Decision(tuple(fetch), tuple(k for k in added if k not in asked), tuple(removed))
+
+    # --- what a prefetcher writes ---------------------------------------------------------
     def preload(self) -> list[Key]:
         return []
 

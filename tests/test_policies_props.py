@@ -297,6 +297,30 @@ def test_prefetcher_cache_never_exceeds_its_capacity(tiny, cache_spy, prefetcher
         assert max(sizes) > 0, "the prefetcher never used its cache"
 
 
+@pytest.mark.parametrize("prefetcher", policies.names("prefetcher"))
+def test_the_engine_knows_what_a_prefetcher_holds_from_its_decisions_alone(tiny, monkeypatch,
+                                                                        prefetcher: str) -> None:
+    """The engine never looks into a prefetcher's cache: after each decision it applies, its
+    view (what the decisions fetched or admitted, less what they evicted) is the cache."""
+    from cluster.engines import analytic
+
+    cfg = tiny(f"policy.expert_cache_bytes={12 * 3 * 2048 * 1024 * 2}", "workload.alpha=1.2",
+               "policy.fetch_buffer_experts=4")
+    real, checks = analytic.Episode._apply, []
+
+    def apply(self, d) -> None:
+        real(self, d)
+        held = {(lay, e) for lay, es in self._held.items() for e in es}
+        assert held == set(self.pf.cache)
+        checks.append(len(held))
+
+    monkeypatch.setattr(analytic.Episode, "_apply", apply)
+    run_policy(cfg, build_routing(cfg), f"tp-lb+{prefetcher}")
+    assert len(checks) >= 2  # preload and after prefill at least
+    if prefetcher != "none":
+        assert max(checks) > 0
+
+
 def steps_csv(records, path: Path) -> bytes:
     write_steps_csv(path, records)
     return path.read_bytes()

@@ -27,7 +27,7 @@ from cluster.core.metrics import PolicyRecords, StepRecord, TokenRecord
 from cluster.core.selection import Routing, decode_groups, group_by_expert
 from cluster.core.spec import Config
 from policies.build import make_prefetcher, ndp_weight_bits, policy_cost_config
-from policies.prefetch import Key, Prefetcher
+from policies.prefetch import Decision, Key
 
 
 @dataclass
@@ -177,15 +177,19 @@ class Episode:
         self.charge_decision = cfg.emulate.charge_decision_time
         self.equal_priority = cfg.link.prefetch_priority == "equal"
         # the base class's after_step adds nothing: no need to count the routed tokens for it
-        self.pf_after_step = getattr(self.pf.after_step, "__func__", None) is not Prefetcher.after_step
-        # per layer, cached experts seen resident (landed) at an earlier step; a key stays
-        # resident until it is evicted, since its arrival time never changes while it is known
+        self.pf_after_step = self.pf.acts_after_steps()
+        # what the prefetcher holds, per layer, as its decisions said (the engine never looks
+        # into its cache), and of those the experts seen resident (landed) at an earlier step:
+        # a key stays resident until it is evicted, its arrival time never changes while held
+        self._held: dict[int, set[int]] = {}
         self._landed: dict[int, set[int]] = {}
 
     def run(self, progress: Callable[[int], None] | None = None) -> PolicyRecords:
         cfg, routing, cost, rec = self.cfg, self.routing, self.cost, self.rec
         L, B, P = cfg.model.num_layers, cfg.workload.batch_size, cfg.workload.prompt_tokens
-        for key in self.pf.preload():
+        pre = self.pf.decide_preload()
+        self._apply(pre)
+        for key in pre.fetch:
             self.bg.arrived[key] = 0.0
         # Prefill: all prompt tokens of the batch in one step per layer.
         n_pre = B * P
@@ -198,9 +202,9 @@ class Episode:
         rec.tokens.append(TokenRecord(self.name, 0, self.t, self.t))
         self.executor.token_done(0, self.t)
         # the token event reaches the scheduler, its prefetch orders the units: two hops
-        self.bg.push(self.pf.after_prefill(routing.prefill_counts(cfg.model.num_experts)),
-                     self.t + 2 * cost.link_latency_s)
-        self._drop_evicted()
+        after = self.pf.decide_after_prefill(routing.prefill_counts(cfg.model.num_experts))
+        self.bg.push(list(after.fetch), self.t + 2 * cost.link_latency_s)
+        self._apply(after)
         if progress:
             progress(1)
         # Decode: one step per further output token.
@@ -246,15 +250,18 @@ class Episode:
         inp = policies.StepInput(layer, phase, routed, resident)
         t0 = time.perf_counter() if self.charge_decision else 0.0
         plan = self.sched.plan(inp)
-        more: list[Key] = []
+        more: tuple[Key, ...] = ()
         d_ff = self.d_ff
         fetched = [f.expert for f in plan.fetches if f.col_start == 0 and f.col_end == d_ff]
+        said = None
         if phase == "decode" and self.pf_after_step:
-            more = pf.after_step(layer, step - 1, {e: len(v) for e, v in routed.items()}, fetched)
+            said = pf.decide_after_step(layer, step - 1, {e: len(v) for e, v in routed.items()}, fetched)
+            more = said.fetch
         decision = time.perf_counter() - t0 if self.charge_decision else 0.0
         start = t + self.hops_s + decision
         bg.advance(start)
-        self._drop_evicted()
+        if said is not None:
+            self._apply(said)
         overrides: dict[int, float] = {}
         for e in fetched:
             left = bg.take((layer, e))
@@ -270,7 +277,7 @@ class Episode:
         if backlog:
             bg.served_in_step(timing.backlog_segments, start, timing.makespan_s)
         if more:
-            bg.push(more, start)
+            bg.push(list(more), start)
         self.executor.moe(phase, step, layer, plan, timing, start)
         if traced:
             for iv in timing.intervals:
@@ -290,14 +297,15 @@ class Episode:
         self.sched.observe(inp)
         if phase == "decode" and fetched:
             # fetched on demand and admitted: on the GPU from the end of the step
-            bg.landed([(layer, e) for e in fetched if (layer, e) in pf.cache], end)
+            held = self._held.get(layer, ())
+            bg.landed([(layer, e) for e in fetched if e in held], end)
 
 
     def _resident(self, layer: int, t: float) -> frozenset[int]:
         """The experts of ``layer`` in the cache whose weights had landed by ``t``."""
-        cached = self.pf.cache.layer(layer)
+        cached = self._held.get(layer)
         if not cached:
-            return cached
+            return frozenset()
         landed = self._landed.setdefault(layer, set())
         landed &= cached
         arrived = self.bg.arrived
@@ -306,12 +314,25 @@ class Episode:
                 landed.add(e)
         return frozenset(landed)
 
-    def _drop_evicted(self) -> None:
-        """Evicted keys stop being resident; queued fetches of evicted keys are cancelled."""
-        for lay, e in self.pf.cache.evicted:
+    def _apply(self, d: Decision) -> None:
+        """A prefetcher's decision takes effect: its keys are held (those to fetch count as
+        resident once their bytes land); evicted keys stop being resident at once and their
+        queued fetches are cancelled."""
+        held = self._held
+        for lay, e in d.fetch:
+            held.setdefault(lay, set()).add(e)
+        for lay, e in d.admit:
+            held.setdefault(lay, set()).add(e)
+        if not d.evict:
+            return
+        bg = self.bg
+        for lay, e in d.evict:
+            held[lay].discard(e)
             if lay in self._landed:
                 self._landed[lay].discard(e)  # its arrival is looked at again if it comes back
-        _drop_evicted(self.bg, self.pf)
+            bg.arrived.pop((lay, e), None)
+        if bg.queue:
+            bg.keep(lambda key: key[1] in held.get(key[0], ()))
 
 
 def run_policy(cfg: Config, routing: Routing, name: str,
@@ -325,15 +346,3 @@ def run_policy(cfg: Config, routing: Routing, name: str,
     """
     return Episode(cfg, routing, name, trace_steps=trace_steps,
                    lower_bounds=lower_bounds).run(progress)
-
-
-def _drop_evicted(bg: BackgroundLink, pf: Prefetcher) -> None:
-    """Evicted keys stop being resident; queued fetches of evicted keys are cancelled."""
-    if not pf.cache.evicted:
-        return
-    for key in pf.cache.evicted:
-        if key not in pf.cache:
-            bg.arrived.pop(key, None)
-    pf.cache.evicted.clear()
-    if bg.queue:
-        bg.keep(pf.cache.__contains__)
