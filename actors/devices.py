@@ -99,17 +99,38 @@ def reply(request: dict[str, Any], fields: dict[str, Any], arrays: list[np.ndarr
 
 
 def cost_from_fields(cfg: Config, f: dict[str, Any]) -> CostModel:
-    """The device's cost model for the policy about to run: its own hardware (``cfg``, the one
-    it was built with) with the policy's NDP-weight speed-up (``ndp_bw_factor``, reduced-bit
-    NDP weights) and, for tests, ``unit_factor`` slow-downs."""
+    """The device's cost model for the policy about to run: its own hardware (``cfg``, the
+    config it was built with) with what the policy's cost configuration changes (``cost``:
+    section -> {field: value}, e.g. ``{"ndp": {"weight_bits": 4}}`` for ``context-aware``'s
+    reduced-bit NDP experts) and, for tests, ``unit_factor`` slow-downs."""
     import dataclasses
 
     c = cfg
-    factor = float(f.get("ndp_bw_factor", 1.0))
-    if factor != 1.0:
-        c = cfg.replace(ndp=dataclasses.replace(cfg.ndp, internal_bw_gbps=cfg.ndp.internal_bw_gbps * factor))
+    changes = f.get("cost") or {}
+    if changes:
+        c = cfg.replace(**{name: dataclasses.replace(getattr(cfg, name), **fields)
+                           for name, fields in changes.items() if name in COST_SECTIONS})
     uf = f.get("unit_factor")
     return CostModel(c, tuple(float(x) for x in uf) if uf else None)
+
+
+COST_SECTIONS = ("gpu", "ndp", "link")  # what a policy's cost configuration may change
+
+
+def cost_fields(cost_cfg: Config, cfg: Config) -> dict[str, dict[str, Any]]:
+    """The ``cost`` field of a reset: every field of the cost sections in which the policy's
+    cost configuration differs from the run's config, as plain values (msgpack). Devices
+    apply them over their own hardware, so a policy's change reaches them whatever it is,
+    and what the devices really are (a test may build them slower) stays theirs."""
+    import dataclasses
+
+    out: dict[str, dict[str, Any]] = {}
+    for name in COST_SECTIONS:
+        mine, base = dataclasses.asdict(getattr(cost_cfg, name)), dataclasses.asdict(getattr(cfg, name))
+        diff = {k: v for k, v in mine.items() if base[k] != v}
+        if diff:
+            out[name] = diff
+    return out
 
 
 class Device:

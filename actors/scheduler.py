@@ -47,6 +47,7 @@ import numpy as np
 
 from actors import wire
 from actors.clock import wall_now
+from actors.devices import cost_fields
 from actors.dispatcher import Dispatcher
 from actors.link_schedule import CLASS_FETCH, CLASS_PREFETCH
 from actors.ndp import SHIP_WINDOW
@@ -159,9 +160,8 @@ class SchedulerCore:
         L = self.cfg.model.num_layers
         trace_seqs = [trace_steps.start * L, trace_steps.stop * L - 1] if len(trace_steps) else [0, -1]
         cost_cfg = run.cost_cfg
-        bw_factor = cost_cfg.ndp.internal_bw_gbps / self.cfg.ndp.internal_bw_gbps
         base = {"kind": "reset", "dilation": float(dilation), "trace_seqs": trace_seqs,
-                "ndp_bw_factor": bw_factor, **self.device_overrides}
+                "cost": cost_fields(cost_cfg, self.cfg), **self.device_overrides}
         per_peer = {p: {"offset_s": self.offsets.get(p, 0.0)} for p in self.peers()}
         w0 = self.clock()
         self.progress_tokens = 0

@@ -176,6 +176,21 @@ def test_latency_emerges_from_the_devices_own_cost_model() -> None:
     assert abs(got - want_half) / want_half <= TARGET, (got, want_half, want_full)
 
 
+def test_devices_time_a_policy_with_its_whole_cost_configuration() -> None:
+    """context-aware stores NDP-side experts at policy.ndp_weight_bits = 4: the scheduler sends
+    the devices that cost configuration (ndp.weight_bits = 4), nothing else, and the measured
+    TPOT is the analytic one for 4 bits, far from the fp16 one."""
+    cfg = _cfg("workload.output_tokens=4", "policy.ndp_weight_bits=4")
+    routing = build_routing(cfg)
+    want4 = summarize(run_policy(cfg, routing, "context-aware"), cfg.ndp.num_ndp_units)["tpot_s"]
+    fp16 = _cfg("workload.output_tokens=4")
+    want16 = summarize(run_policy(fp16, routing, "context-aware"), cfg.ndp.num_ndp_units)["tpot_s"]
+    assert want16 > 1.3 * want4  # NDP-bound at batch 1: the weights dominate what units read
+    with inproc_system(cfg) as sys_:
+        got = _measured(sys_, "context-aware", 200.0)["tpot_s"]
+    assert abs(got - want4) / want4 <= TARGET, (got, want4, want16)
+
+
 def test_a_prefetch_still_in_flight_makes_the_gpu_wait_and_the_trace_shows_it() -> None:
     """After the prefill the link is busy with the prefetches of the whole cache when decode
     starts: the plan fetches some of them on demand, which upgrades the prefetch in flight;
