@@ -4,8 +4,9 @@ Importing this package registers every scheduler, prefetcher and named combinati
 
 - schedulers: ``ep``, ``monde``, ``tp``, ``tp-lb``, ``eplb``, ``monde-tp``
 - prefetchers: ``none``, ``lru``, ``lfu``, ``profiled``, ``oracle``, ``prefill-freq``, and
-  (:mod:`policies.neighbours`) ``context-aware``, ``od-moe``, ``expertflow``,
-  ``prefill-freq-refresh``, (:mod:`policies.drift`) ``decayed-freq``
+  (:mod:`policies.neighbours`) ``context-aware``, ``od-moe``, (:mod:`policies.expertflow`)
+  ``expertflow``, (:mod:`policies.refresh`) ``prefill-freq-refresh``, (:mod:`policies.drift`)
+  ``decayed-freq``
 - combinations: ``paper`` = ``tp-lb`` + ``prefill-freq``; the neighbours ``context-aware``,
   ``od-moe``, ``expertflow``; ``paper-refresh`` and ``paper-drift`` (beyond the paper)
 
@@ -16,7 +17,7 @@ this recipe):
    Plan``) or :class:`Prefetcher` (``preload`` / ``after_prefill`` / ``after_step`` return
    the keys to fetch).
 2. Its settings, if any: a frozen dataclass subclassing :class:`Knobs` (from
-   ``cluster.core.spec``), fields with defaults and names no other policy uses (prefix
+   ``cluster.core.knobs``), fields with defaults and names no other policy uses (prefix
    them: ``my_``), checked in ``__post_init__`` with ``self.integers`` /
    ``self.fractions`` / ``self.check`` (errors name the field, the value, what is allowed).
 3. Register both: ``@register("scheduler", "my-policy", knobs=MyKnobs)``. The policy reads
@@ -33,9 +34,11 @@ from policies import schedulers  # noqa: F401
 from policies import eplb  # noqa: F401
 from policies import prefetch  # noqa: F401
 from policies import neighbours  # noqa: F401
+from policies import expertflow  # noqa: F401
+from policies import refresh  # noqa: F401
 from policies import drift  # noqa: F401
 # isort: on
-from cluster.core.spec import Knobs
+from cluster.core.knobs import Knobs
 from policies.base import Scheduler, StepInput, tp_bounds
 from policies.plan import ALL_UNITS, GPU, Fetch, Plan, StepTiming, Task, lower_bound_s, time_plan
 from policies.prefetch import ExpertCache, PrefetchContext, Prefetcher

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.core.cost import CostModel
-from cluster.core.spec import Config, Knobs
+from cluster.core.knobs import Knobs
+from cluster.core.spec import Config
 from policies.plan import GPU, Plan, Task, tp_bounds  # noqa: F401  (re-exported)
 
 

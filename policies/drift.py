@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.core.spec import Knobs
+from cluster.core.knobs import Knobs
 from policies.prefetch import Key, PrefetchContext, PrefillFrequency
 from policies.registry import register
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.core.spec import Knobs
+from cluster.core.knobs import Knobs
 from policies.base import Scheduler, StepInput
 from policies.plan import Plan, Task
 from policies.registry import register

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from cluster.core.spec import Config, Knobs
+from cluster.core.knobs import Knobs
+from cluster.core.spec import Config
 from policies.registry import register
 
 Key = tuple[int, int]  # (layer, expert)

@@ -6,7 +6,7 @@ scheduler plus a prefetcher: a combination registered by name (``paper`` = ``tp-
 ``prefill-freq``), a scheduler alone (prefetcher ``none``), or ``SCHEDULER+PREFETCHER``.
 
 A policy with settings of its own registers them with it: ``@register("prefetcher", "od-moe",
-knobs=OdMoeKnobs)``, a frozen :class:`~cluster.core.spec.Knobs` dataclass. Its fields join
+knobs=OdMoeKnobs)``, a frozen :class:`~cluster.core.knobs.Knobs` dataclass. Its fields join
 the config's ``policy`` section (``--set policy.odmoe_recall=0.5``), are validated by the
 class, and the policy reads them as ``self.knobs`` (the class is ``cls.knobs_class``).
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cluster.core.errors import ConfigError
-from cluster.core.spec import Knobs, register_knobs, unregister_knobs
+from cluster.core.knobs import Knobs, register_knobs, unregister_knobs
 
 KINDS = ("scheduler", "prefetcher")
 _REGISTRY: dict[str, dict[str, type]] = {k: {} for k in KINDS}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.core.spec import LB_SPLITS, Knobs
+from cluster.core.knobs import LB_SPLITS, Knobs
 from policies.base import Scheduler, StepInput, tp_bounds
 from policies.plan import ALL_UNITS, GPU, Fetch, Plan, Task, time_plan
 from policies.registry import register

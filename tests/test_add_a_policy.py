@@ -21,9 +21,9 @@ import pytest
 import policies
 from cluster.core.config import load_config
 from cluster.core.errors import ConfigError
+from cluster.core.knobs import PolicySpec, knob_owners
 from cluster.core.metrics import summarize
 from cluster.core.routing import build_routing
-from cluster.core.spec import PolicySpec, knob_owners
 from cluster.engines.analytic import run_policy
 from policies import Fetch, Knobs, Plan, Prefetcher, Scheduler, StepInput, Task, unregister
 

@@ -481,7 +481,7 @@ LEGACY_POLICY_KEYS = [  # the policy section of config.json before the knobs mov
 
 
 def test_each_policy_owns_its_knobs_and_the_section_keeps_its_keys_in_order() -> None:
-    from cluster.core.spec import PolicySpec, knob_owners
+    from cluster.core.knobs import PolicySpec, knob_owners
 
     owners = {owner: [f.name for f in dataclasses.fields(cls)] for owner, cls in knob_owners().items()}
     assert owners == {
@@ -504,7 +504,8 @@ def test_each_policy_owns_its_knobs_and_the_section_keeps_its_keys_in_order() ->
 def test_a_knob_override_reaches_its_owner_and_survives_pickling() -> None:
     import pickle
 
-    from policies.neighbours import ExpertFlowKnobs, OdMoeKnobs
+    from policies.expertflow import ExpertFlowKnobs
+    from policies.neighbours import OdMoeKnobs
     from policies.schedulers import TpLbKnobs
 
     cfg = load_config(overrides=["policy.odmoe_recall=0.5", "policy.lb_split=fractional"])

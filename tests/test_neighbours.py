@@ -19,10 +19,10 @@ import pytest
 import policies
 import policies.build
 from cluster.core.errors import ConfigError
+from cluster.core.knobs import PolicySpec
 from cluster.core.metrics import summarize, write_steps_csv
 from cluster.core.routing import build_routing
 from cluster.core.selection import Routing, group_by_expert
-from cluster.core.spec import PolicySpec
 from cluster.engines.analytic import Episode, Executor, run_policy
 from policies.build import policy_cost_config
 from policies.neighbours import context_scores, gate_sums, propagate, transition_counts

@@ -19,10 +19,11 @@ from hypothesis import strategies as st
 import policies
 from cluster.core.cost import CostModel
 from cluster.core.errors import ConfigError
+from cluster.core.knobs import PolicySpec
 from cluster.core.metrics import write_steps_csv
 from cluster.core.routing import build_routing
 from cluster.core.selection import group_by_expert
-from cluster.core.spec import Config, ModelSpec, NdpSpec, PolicySpec, WorkloadSpec
+from cluster.core.spec import Config, ModelSpec, NdpSpec, WorkloadSpec
 from cluster.engines.analytic import run_policy
 from policies import ALL_UNITS, GPU, Plan, StepInput
 

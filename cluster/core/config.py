@@ -7,7 +7,7 @@ values of the wrong type and out-of-range values fail here with the field, the v
 is allowed, before any work starts.
 
 The ``policy`` section holds the shared policy fields and every registered policy's own knobs
-(:class:`~cluster.core.spec.Knobs`, registered with the policy by :mod:`policies`), each by its
+(:class:`~cluster.core.knobs.Knobs`, registered with the policy by :mod:`policies`), each by its
 own name: ``--set policy.odmoe_recall=0.5`` reaches ``od-moe``'s knobs.
 """
 
@@ -21,15 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from cluster.core import presets
+from cluster.core.checks import close_matches, coerce_value
 from cluster.core.errors import ConfigError
-from cluster.core.spec import (
-    SECTIONS,
-    Config,
-    close_matches,
-    coerce_value,
-    knob_classes,
-    policy_field_types,
-)
+from cluster.core.knobs import knob_classes, policy_field_types
+from cluster.core.spec import SECTIONS, Config
 
 if sys.version_info >= (3, 11):
     import tomllib

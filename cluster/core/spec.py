@@ -9,18 +9,23 @@ Weight bytes follow each device's ``weight_bits`` (16: fp16, the default; 8 or 4
 quantised model; ``ndp.weight_bits`` alone for reduced-bit NDP experts), whatever dtype the
 real matmuls of the emulator use; activations and the KV cache are fp16
 (:data:`BYTES_PER_ACT`).
+
+This module is longer than most (~500 lines) because every section keeps its validation beside
+its fields, and :class:`Config` its checks across sections; the ``policy`` section lives in
+:mod:`cluster.core.knobs`, the shared field checks in :mod:`cluster.core.checks`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
+from cluster.core.checks import check, finite, integers, non_negative, positive
 from cluster.core.errors import ConfigError
 from cluster.core.faults import Faults, check_against, parse_inject
+from cluster.core.knobs import PolicySpec
 
 BYTES_PER_PARAM = 2  # fp16 weights in the cost model
 BYTES_PER_ACT = 2  # fp16 activations on the wire and in memory
@@ -28,83 +33,8 @@ GIB = 1 << 30
 MAX_NDP_UNITS = 4096
 
 
-_UNITS = {"_us": "microseconds", "_s": "seconds", "_bytes": "bytes", "_gbps": "GB/s",
-          "_tflops": "TFLOP/s", "_gflops": "GFLOP/s"}
-
-
-def unit_of(name: str) -> str:
-    """The unit a field's name carries (``latency_us`` -> ``microseconds``), or ''."""
-    for suffix, unit in _UNITS.items():
-        if name.endswith(suffix):
-            return unit
-    return ""
-
-
-def _finite(v: Any) -> bool:
-    """A real number that is neither NaN nor infinite (bools are not numbers here)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    return isinstance(v, int) or math.isfinite(v)
-
-
-def _check(section: str, name: str, value: Any, ok: bool, allowed: str) -> None:
-    if not ok:
-        unit = unit_of(name)
-        if unit and unit not in allowed and "second" not in allowed:
-            allowed = f"{allowed} ({unit})"
-        raise ConfigError(f"{section}.{name} = {value!r} is not allowed: must be {allowed}")
-
-
-def _positive(section: str, obj: Any, *names: str) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        _check(section, n, v, _finite(v) and v > 0, "a finite number > 0")
-
-
-def _non_negative(section: str, obj: Any, *names: str) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        _check(section, n, v, _finite(v) and v >= 0, "a finite number >= 0")
-
-
-def _integers(section: str, obj: Any, *names: str, minimum: int = 1) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        _check(section, n, v, isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
-               f"an integer >= {minimum}")
-
-
-def coerce_value(section: str, key: str, want: Any, value: Any) -> Any:
-    """Checks a raw value (TOML, ``--set``) against a field's declared type ``want`` (the
-    annotation, a string under ``from __future__ import annotations``): integral floats become
-    ints for int fields, ints become floats for float fields; anything else of the wrong type
-    fails with the field, the value and what is allowed."""
-    where = f"{section}.{key}"
-    if want in ("int", int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{where} = {value!r} is not allowed: must be an integer")
-    elif want in ("float", float):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where} = {value!r} is not allowed: must be a number")
-        try:
-            value = float(value)
-        except OverflowError:  # an integer literal too large for a float
-            value = math.inf
-        if not math.isfinite(value):
-            unit = f" ({unit_of(key)})" if unit_of(key) else ""
-            raise ConfigError(f"{where} = {value!r} is not allowed: must be a finite number{unit}")
-    elif want in ("bool", bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} = {value!r} is not allowed: must be true or false")
-    elif want in ("str", str) and not isinstance(value, str):
-        raise ConfigError(f"{where} = {value!r} is not allowed: must be a string")
-    return value
-
-
 def _weight_bits(section: str, bits: Any) -> None:
-    _check(section, "weight_bits", bits, isinstance(bits, int) and not isinstance(bits, bool)
+    check(section, "weight_bits", bits, isinstance(bits, int) and not isinstance(bits, bool)
            and 1 <= bits <= 16, "an integer in 1..16 (16: fp16; 8 or 4: a quantised model)")
 
 
@@ -126,9 +56,9 @@ class GpuSpec:
     weight_bits: int = 16  # bits per weight the GPU holds (its layers and its cached experts)
 
     def __post_init__(self) -> None:
-        _integers(self.SECTION, self, "mem_bytes")
-        _positive(self.SECTION, self, "mem_bw_gbps", "peak_tflops")
-        _non_negative(self.SECTION, self, "launch_overhead_us")
+        integers(self.SECTION, self, "mem_bytes")
+        positive(self.SECTION, self, "mem_bw_gbps", "peak_tflops")
+        non_negative(self.SECTION, self, "launch_overhead_us")
         _weight_bits(self.SECTION, self.weight_bits)
 
 
@@ -146,11 +76,11 @@ class NdpSpec:
 
     def __post_init__(self) -> None:
         _weight_bits(self.SECTION, self.weight_bits)
-        _integers(self.SECTION, self, "num_ndp_units", "capacity_bytes")
-        _check(self.SECTION, "num_ndp_units", self.num_ndp_units,
+        integers(self.SECTION, self, "num_ndp_units", "capacity_bytes")
+        check(self.SECTION, "num_ndp_units", self.num_ndp_units,
                self.num_ndp_units <= MAX_NDP_UNITS, f"an integer in 1..{MAX_NDP_UNITS}")
-        _positive(self.SECTION, self, "internal_bw_gbps", "peak_gflops")
-        _non_negative(self.SECTION, self, "launch_overhead_us")
+        positive(self.SECTION, self, "internal_bw_gbps", "peak_gflops")
+        non_negative(self.SECTION, self, "launch_overhead_us")
 
 
 @dataclass(frozen=True)
@@ -170,9 +100,9 @@ class LinkSpec:
     prefetch_priority: str = "lowest"
 
     def __post_init__(self) -> None:
-        _positive(self.SECTION, self, "bw_gbps")
-        _non_negative(self.SECTION, self, "latency_us")
-        _check(self.SECTION, "prefetch_priority", self.prefetch_priority,
+        positive(self.SECTION, self, "bw_gbps")
+        non_negative(self.SECTION, self, "latency_us")
+        check(self.SECTION, "prefetch_priority", self.prefetch_priority,
                self.prefetch_priority in PREFETCH_PRIORITIES,
                f"one of {', '.join(PREFETCH_PRIORITIES)}")
 
@@ -206,17 +136,17 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         s = self.SECTION
-        _integers(s, self, "num_layers", "d_model", "d_ff", "num_experts", "top_k", "num_heads",
+        integers(s, self, "num_layers", "d_model", "d_ff", "num_experts", "top_k", "num_heads",
                   "num_kv_heads", "head_dim", "vocab_size")
-        _integers(s, self, "num_dense_layers", "num_shared_experts", "shared_d_ff", "dense_d_ff",
+        integers(s, self, "num_dense_layers", "num_shared_experts", "shared_d_ff", "dense_d_ff",
                   "kv_dim", minimum=0)
-        _check(s, "top_k", self.top_k, self.top_k <= self.num_experts,
+        check(s, "top_k", self.top_k, self.top_k <= self.num_experts,
                f"an integer in 1..num_experts ({self.num_experts})")
         if self.num_shared_experts > 0:
-            _check(s, "shared_d_ff", self.shared_d_ff, self.shared_d_ff > 0,
+            check(s, "shared_d_ff", self.shared_d_ff, self.shared_d_ff > 0,
                    "> 0 when num_shared_experts > 0")
         if self.num_dense_layers > 0:
-            _check(s, "dense_d_ff", self.dense_d_ff, self.dense_d_ff > 0,
+            check(s, "dense_d_ff", self.dense_d_ff, self.dense_d_ff > 0,
                    "> 0 when num_dense_layers > 0")
 
     # --- derived sizes (fp16 bytes) -------------------------------------------------------
@@ -346,263 +276,26 @@ class WorkloadSpec:
 
     def __post_init__(self) -> None:
         s = self.SECTION
-        _integers(s, self, "batch_size", "prompt_tokens", "output_tokens")
-        _integers(s, self, "seed", minimum=0)
-        _check(s, "routing", self.routing, self.routing in ROUTING_SOURCES,
+        integers(s, self, "batch_size", "prompt_tokens", "output_tokens")
+        integers(s, self, "seed", minimum=0)
+        check(s, "routing", self.routing, self.routing in ROUTING_SOURCES,
                f"one of {', '.join(ROUTING_SOURCES)}")
-        _non_negative(s, self, "alpha", "gate_bias")
-        _check(s, "alpha", self.alpha, self.alpha <= 10, "a number in 0..10")
-        _check(s, "reuse", self.reuse, isinstance(self.reuse, (int, float)) and 0 <= self.reuse <= 1,
+        non_negative(s, self, "alpha", "gate_bias")
+        check(s, "alpha", self.alpha, self.alpha <= 10, "a number in 0..10")
+        check(s, "reuse", self.reuse, isinstance(self.reuse, (int, float)) and 0 <= self.reuse <= 1,
                "a number in 0..1")
-        _check(s, "popularity", self.popularity, self.popularity in POPULARITY_SHAPES,
+        check(s, "popularity", self.popularity, self.popularity in POPULARITY_SHAPES,
                f"one of {', '.join(POPULARITY_SHAPES)}")
         for name in ("drift", "drift_jump", "drift_share"):
             v = getattr(self, name)
-            _check(s, name, v, _finite(v) and 0 <= v <= 1, "a number in 0..1")
+            check(s, name, v, finite(v) and 0 <= v <= 1, "a number in 0..1")
         if self.routing == "trace":
-            _check(s, "trace_path", self.trace_path, bool(self.trace_path),
+            check(s, "trace_path", self.trace_path, bool(self.trace_path),
                    "a path to an npz routing file when routing = 'trace'")
 
     @property
     def max_context(self) -> int:
         return self.prompt_tokens + self.output_tokens
-
-
-LB_SPLITS = ("expert", "fractional")  # policy.lb_split, a knob of tp-lb (policies.schedulers)
-_SHARED_FIELDS = ("expert_cache_bytes", "cache_fraction", "fetch_buffer_experts")
-K = TypeVar("K", bound="Knobs")
-
-
-def close_matches(name: str, allowed: Iterable[str]) -> str:
-    import difflib
-
-    allowed = sorted(allowed)
-    near = difflib.get_close_matches(name, allowed, n=1)
-    hint = f" (did you mean {near[0]!r}?)" if near else ""
-    return f"{', '.join(allowed)}{hint}"
-
-
-@dataclass(frozen=True)
-class Knobs:
-    """Base of a policy's own knobs: a small frozen dataclass that lives with its policy.
-
-    Registered with the policy (``@register("prefetcher", "od-moe", knobs=OdMoeKnobs)``),
-    its fields are fields of the ``policy`` section like the shared ones: ``[policy]
-    odmoe_recall = 0.5`` in a TOML file, ``--set policy.odmoe_recall=0.5``. Field names are
-    unique over all policies (a clash fails at registration). ``__post_init__`` validates with
-    the helpers below, which fail like every spec: field, value, what is allowed.
-    """
-
-    SECTION: ClassVar[str] = "policy"
-
-    def check(self, name: str, ok: bool, allowed: str) -> None:
-        """Fails with ``policy.<name> = <value> is not allowed: must be <allowed>`` unless ``ok``."""
-        _check(self.SECTION, name, getattr(self, name), ok, allowed)
-
-    def integers(self, *names: str, minimum: int = 1) -> None:
-        _integers(self.SECTION, self, *names, minimum=minimum)
-
-    def positive(self, *names: str) -> None:
-        _positive(self.SECTION, self, *names)
-
-    def non_negative(self, *names: str) -> None:
-        _non_negative(self.SECTION, self, *names)
-
-    def fractions(self, *names: str) -> None:
-        """Each a number in 0..1."""
-        for n in names:
-            v = getattr(self, n)
-            self.check(n, _finite(v) and 0 <= v <= 1, "a number in 0..1")
-
-    def one_of(self, name: str, allowed: tuple[str, ...]) -> None:
-        self.check(name, getattr(self, name) in allowed, f"one of {', '.join(allowed)}")
-
-
-# Every registered knob class by owner (``"prefetcher od-moe"``), in registration order: the
-# order of the knobs in PolicySpec and in Config.to_dict(). Filled by policies.registry.
-_KNOB_OWNERS: dict[str, type[Knobs]] = {}
-
-
-def _knob_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
-
-
-def register_knobs(owner: str, cls: type[Knobs]) -> None:
-    """Registers ``cls`` as the knobs of ``owner``; its fields join the ``policy`` section.
-
-    ``cls`` must be a frozen :class:`Knobs` dataclass whose defaults pass its own checks and
-    whose field names no other policy (nor PolicySpec itself) uses. The same class may serve
-    several owners (a policy and its variant).
-    """
-    if owner in _KNOB_OWNERS:
-        raise ValueError(f"{owner} already has knobs ({_KNOB_OWNERS[owner].__name__})")
-    if not (isinstance(cls, type) and issubclass(cls, Knobs) and dataclasses.is_dataclass(cls)
-            and cls.__dataclass_params__.frozen):  # type: ignore[attr-defined]
-        raise TypeError(f"knobs of {owner} must be a frozen dataclass subclassing "
-                        f"cluster.core.spec.Knobs, not {cls!r}")
-    taken = {n: "PolicySpec" for n in _SHARED_FIELDS}
-    taken.update({n: o for o, c in _KNOB_OWNERS.items() if c is not cls for n in _knob_names(c)})
-    for n in _knob_names(cls):
-        if n in taken:
-            raise ValueError(f"knob policy.{n} of {owner} is already a field of {taken[n]}")
-    cls()  # the defaults must pass the class's own checks
-    _KNOB_OWNERS[owner] = cls
-
-
-def unregister_knobs(owner: str) -> None:
-    """Removes ``owner``'s knobs (tests that register a policy of their own clean up)."""
-    _KNOB_OWNERS.pop(owner, None)
-
-
-def knob_classes() -> tuple[type[Knobs], ...]:
-    """Every registered knob class once, in registration order."""
-    return tuple(dict.fromkeys(_KNOB_OWNERS.values()))
-
-
-def knob_owners() -> dict[str, type[Knobs]]:
-    return dict(_KNOB_OWNERS)
-
-
-def policy_field_types() -> dict[str, Any]:
-    """Every field of the ``policy`` section with its declared type: the shared ones, then
-    every registered policy's knobs."""
-    out = {f.name: f.type for f in dataclasses.fields(PolicySpec) if f.name in _SHARED_FIELDS}
-    for cls in knob_classes():
-        out.update({f.name: f.type for f in dataclasses.fields(cls)})
-    return out
-
-
-@dataclass(frozen=True, init=False)
-class PolicySpec:
-    """The ``policy`` section: what all policies share, and each registered policy's own knobs.
-
-    ``expert_cache_bytes``: GPU memory for cached experts; -1 means what is left after the
-    non-expert weights, the KV cache and the on-demand fetch buffer. ``cache_fraction`` scales
-    that budget (the prefetch-budget sweep). ``fetch_buffer_experts``: how many experts one
-    step may fetch on demand (0: one whole layer, ``num_experts``).
-
-    ``knobs``: one :class:`Knobs` per registered knob class (each policy documents its own:
-    ``lb_split`` of ``tp-lb``, ``eplb_*`` of ``eplb``, ``profile_*`` of ``profiled``,
-    ``context_alpha`` and ``ndp_weight_bits`` of ``context-aware``, ``odmoe_*``,
-    ``expertflow_max_horizon``, ``refresh_*`` of ``prefill-freq-refresh``, ``drift_*`` of
-    ``decayed-freq``). A knob is given by its own name like a shared field: ``PolicySpec(
-    odmoe_recall=0.5)``, ``dataclasses.replace(spec, odmoe_recall=0.5)``, ``[policy]
-    odmoe_recall = 0.5``; an unknown name fails listing the allowed ones. Policies read their
-    own knobs (``self.knobs``, :meth:`knobs_of`); ``spec.odmoe_recall`` is a read-only flat
-    view of every knob for code below the policies (the ``profiled`` calibration trace in
-    :mod:`cluster.core.routing`) and for reports.
-
-    ``unclaimed``: knob values given where no policy is registered at all (a process that
-    loads a config before importing :mod:`policies`, such as a fresh worker), kept by name;
-    :meth:`knobs_of` checks them against their owner's class when a policy is built, so a bad
-    value still fails before any work, with the same message.
-
-    The knobs take part in equality and hashing, so a config that differs in one knob is
-    another config (memoisation by config sees it).
-    """
-
-    SECTION: ClassVar[str] = "policy"
-    expert_cache_bytes: int = -1
-    cache_fraction: float = 1.0
-    fetch_buffer_experts: int = 0
-    knobs: tuple[Knobs, ...] = ()
-    unclaimed: tuple[tuple[str, Any], ...] = ()
-
-    def __init__(self, expert_cache_bytes: int = -1, cache_fraction: float = 1.0,
-                 fetch_buffer_experts: int = 0, knobs: tuple[Knobs, ...] = (),
-                 unclaimed: tuple[tuple[str, Any], ...] = (), **knob_values: Any) -> None:
-        s = self.SECTION
-        for k in knobs:
-            if not isinstance(k, Knobs):
-                raise ConfigError(f"{s}.knobs holds {k!r}: must hold policy knob dataclasses")
-        have = {type(k): k for k in knobs}
-        # one instance per registered class, in registration order; unregistered ones kept
-        full = {c: have.pop(c, None) or c() for c in knob_classes()}
-        full.update(have)
-        owner_of = {n: c for c in full for n in _knob_names(c)}
-        changes: dict[type, dict[str, Any]] = {}
-        pending: dict[str, Any] = {}
-        for n, v in [*unclaimed, *knob_values.items()]:
-            if n in owner_of:
-                changes.setdefault(owner_of[n], {})[n] = v
-            elif not _KNOB_OWNERS:  # no policy registered here: its owner checks it later
-                _check(s, n, v, isinstance(v, (bool, int, float, str)),
-                       "a number, a string or true/false")
-                pending[n] = v
-            else:
-                raise ConfigError(f"unknown field {s}.{n}: {s} has "
-                                  f"{close_matches(n, policy_field_types())}")
-        for c, ch in changes.items():
-            full[c] = dataclasses.replace(full[c], **ch)
-        set_ = object.__setattr__
-        set_(self, "expert_cache_bytes", expert_cache_bytes)
-        set_(self, "cache_fraction", cache_fraction)
-        set_(self, "fetch_buffer_experts", fetch_buffer_experts)
-        set_(self, "knobs", tuple(full.values()))
-        set_(self, "unclaimed", tuple(sorted(pending.items())))
-        self.__post_init__()
-
-    def __post_init__(self) -> None:
-        s = self.SECTION
-        _check(s, "expert_cache_bytes", self.expert_cache_bytes,
-               isinstance(self.expert_cache_bytes, int) and self.expert_cache_bytes >= -1,
-               "-1 (auto) or an integer >= 0")
-        _check(s, "cache_fraction", self.cache_fraction,
-               isinstance(self.cache_fraction, (int, float)) and 0 <= self.cache_fraction <= 1,
-               "a number in 0..1")
-        _integers(s, self, "fetch_buffer_experts", minimum=0)
-
-    def knobs_of(self, cls: type[K] | None) -> K | None:
-        """This spec's instance of the knob class ``cls`` (None for None): its defaults where
-        ``cls`` was registered after the spec was made, with any :attr:`unclaimed` values of
-        its fields applied. Unclaimed values are checked here, all of them, once a policy is
-        registered: a name no policy owns, or a value its owner refuses, fails as at load."""
-        if self.unclaimed and _KNOB_OWNERS:
-            known = policy_field_types()
-            for n, _ in self.unclaimed:
-                if n not in known:
-                    raise ConfigError(f"unknown field {self.SECTION}.{n}: {self.SECTION} has "
-                                      f"{close_matches(n, known)}")
-            for c in knob_classes():
-                self._resolved(c)
-        return None if cls is None else self._resolved(cls)
-
-    def _resolved(self, cls: type[K]) -> K:
-        inst = next((k for k in self.knobs if type(k) is cls), None) or cls()
-        if self.unclaimed:
-            types = {f.name: f.type for f in dataclasses.fields(cls)}
-            ch = {n: coerce_value(self.SECTION, n, types[n], v) for n, v in self.unclaimed if n in types}
-            if ch:
-                inst = dataclasses.replace(inst, **ch)
-        return inst
-
-    def _knob_view(self) -> list[Knobs]:
-        """Every knob instance this spec answers for: its own, then those of classes
-        registered since it was made (unclaimed values applied)."""
-        own = [self._resolved(type(k)) for k in self.knobs]
-        have = {type(k) for k in self.knobs}
-        return [*own, *(self._resolved(c) for c in knob_classes() if c not in have)]
-
-    def __getattr__(self, name: str) -> Any:
-        # only reached when normal lookup fails: a knob by its flat name, read-only
-        if not name.startswith("_") and "knobs" in self.__dict__:
-            for k in self._knob_view():
-                if name in k.__dataclass_fields__:
-                    return getattr(k, name)
-            for n, v in self.unclaimed:
-                if n == name:
-                    return v
-        raise AttributeError(f"{type(self).__name__!r} object has no field or policy knob {name!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The shared fields, then every knob by its own name (the section as a TOML file
-        writes it; ``PolicySpec(**spec.to_dict()) == spec``)."""
-        out: dict[str, Any] = {n: getattr(self, n) for n in _SHARED_FIELDS}
-        for k in self._knob_view():
-            out.update(dataclasses.asdict(k))
-        for n, v in self.unclaimed:
-            out.setdefault(n, v)
-        return out
 
 
 @dataclass(frozen=True)
@@ -614,9 +307,9 @@ class WeightsSpec:
     memory_budget_bytes: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.SECTION, "scale", self.scale,
+        check(self.SECTION, "scale", self.scale,
                isinstance(self.scale, (int, float)) and 0 <= self.scale <= 1, "a number in 0..1 (0: auto)")
-        _integers(self.SECTION, self, "memory_budget_bytes", minimum=0)
+        integers(self.SECTION, self, "memory_budget_bytes", minimum=0)
 
 
 PLACEMENT_STRATEGIES = ("SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK")
@@ -670,19 +363,19 @@ class EmulateSpec:
     max_wall_s: float = 900.0
 
     def __post_init__(self) -> None:
-        _non_negative(self.SECTION, self, "dilation")
-        _positive(self.SECTION, self, "target_fidelity", "recv_timeout_s")
-        _check(self.SECTION, "placement_strategy", self.placement_strategy,
+        non_negative(self.SECTION, self, "dilation")
+        positive(self.SECTION, self, "target_fidelity", "recv_timeout_s")
+        check(self.SECTION, "placement_strategy", self.placement_strategy,
                self.placement_strategy in PLACEMENT_STRATEGIES, f"one of {', '.join(PLACEMENT_STRATEGIES)}")
         hb = self.heartbeat_timeout_s
-        _check(self.SECTION, "heartbeat_timeout_s", hb,
+        check(self.SECTION, "heartbeat_timeout_s", hb,
                isinstance(hb, (int, float)) and not isinstance(hb, bool) and 2 <= hb <= 60,
                "a number in 2..60 (seconds; devices send a heartbeat every second)")
-        _check(self.SECTION, "recover", self.recover, isinstance(self.recover, bool), "true or false")
-        _check(self.SECTION, "curve", self.curve, isinstance(self.curve, bool), "true or false")
-        _check(self.SECTION, "charge_decision_time", self.charge_decision_time,
+        check(self.SECTION, "recover", self.recover, isinstance(self.recover, bool), "true or false")
+        check(self.SECTION, "curve", self.curve, isinstance(self.curve, bool), "true or false")
+        check(self.SECTION, "charge_decision_time", self.charge_decision_time,
                isinstance(self.charge_decision_time, bool), "true or false")
-        _positive(self.SECTION, self, "max_wall_s")
+        positive(self.SECTION, self, "max_wall_s")
         parse_inject(self.inject)  # raises ConfigError naming emulate.inject and the grammar
 
 

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 import policies
-from cluster.core.spec import LB_SPLITS, Config
+from cluster.core.knobs import LB_SPLITS
+from cluster.core.spec import Config
 from cluster.studies.reproduce.common import (
     Case,
     Configs,
