@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cluster", "actors", "policies")
 FLOORS = [("cluster.core", 0), ("policies", 1), ("actors", 2), ("cluster.engines", 3),
           ("cluster.studies", 4), ("cluster.cli", 5), ("cluster", 5)]
-SEAM = {"cluster.engines.emulate", "cluster.engines.launch", "cluster.engines.preflight"}
+SEAM = {"cluster.engines.emulate", "cluster.engines.launch", "cluster.engines.preflight",
+        "cluster.engines.ray_actors"}
 
 
 def module_name(path: Path) -> str:

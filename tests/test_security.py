@@ -270,8 +270,11 @@ def test_hostile_local_peers_are_dropped_and_recorded_by_the_scheduler_loop(curv
         def all_refused() -> bool:
             refused, reasons = refusals()
             if curve:
+                # the NULL client's refused handshake: libzmq names it "mechanism mismatch" as a
+                # rule, but reports it without detail when the connection closes first (seen
+                # once on a loaded machine): either way the handshake failed and was recorded
                 return (("key", "unknown CURVE key (ZAP refused)") in reasons
-                        and any("mechanism mismatch" in r for _, r in reasons))
+                        and any(r.startswith("handshake failed") for _, r in reasons))
             return [r["count"] for r in refused if r["peer"] == "evil"] == [4]
 
         # a ROUTER takes its peers in turns, and on a loaded machine the hostile handshakes
@@ -287,7 +290,7 @@ def test_hostile_local_peers_are_dropped_and_recorded_by_the_scheduler_loop(curv
         if curve:  # nothing got past the handshake
             assert net.refusals.total == 0
             assert ("key", "unknown CURVE key (ZAP refused)") in reasons, refused
-            assert any("mechanism mismatch" in r for _, r in reasons), refused
+            assert any(r.startswith("handshake failed") for _, r in reasons), refused
             assert any(r["peer"].endswith("127.0.0.1") for r in refused if "key" in r["peer"])
         else:  # evil's four messages, dropped by name; the impostor refused by zmq itself;
             # the raw bytes parse as an old ZMTP 1.0 peer whose "identity" is some of them

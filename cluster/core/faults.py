@@ -14,7 +14,7 @@ and ``link_latency_s``), so both engines, the policies' estimates, the lower bou
 traces see them and the emulation still agrees with the analytic reference. ``kill`` and
 ``drop`` happen to the emulation cluster only (the analytic engine has no processes to lose):
 the emulation pauses its clocks from the moment it injects one until it is repaired, so
-neither changes the measured latency (``actors.scheduler.World``). Transfers on the emulated
+neither changes the measured latency (``actors.world.World``). Transfers on the emulated
 host link are never dropped: PCIe retries lost packets itself, inside its modelled latency.
 
 A kill fires once per cluster: at the first timed run (not a calibration run) that reaches
