@@ -147,21 +147,23 @@ class CostModel:
 
     def _gpu_layer_s(self, n_tokens: int, context_tokens: int, batch: int) -> float:
         m = self.cfg.model
-        params = m.gpu_layer_params
-        kv = batch * context_tokens * m.kv_elems_per_token_layer * BYTES_PER_ACT
-        flops = 2 * params * n_tokens + 4 * n_tokens * context_tokens * m.num_heads * m.head_dim
-        nbytes = weight_bytes(params, self.gpu_weight_bits) + kv + 2 * n_tokens * self.act_bytes_per_token
         kernels = 3 + (1 if m.num_shared_experts else 0)  # attention, router, norm/residual, shared
-        return (kernels - 1) * self.gpu_launch_s + self.gpu_compute_s(flops, nbytes)
+        return (kernels - 1) * self.gpu_launch_s + self._resident_layer_s(
+            m.gpu_layer_params, n_tokens, context_tokens, batch)
 
     def gpu_dense_layer_s(self, n_tokens: int, context_tokens: int, batch: int) -> float:
         """A leading dense layer (attention + dense MLP), all on the GPU."""
+        return 2 * self.gpu_launch_s + self._resident_layer_s(
+            self.cfg.model.dense_layer_params, n_tokens, context_tokens, batch)
+
+    def _resident_layer_s(self, params: int, n_tokens: int, context_tokens: int, batch: int) -> float:
+        """One layer of GPU-resident weights (``params``) over ``n_tokens`` tokens with the KV
+        cache of ``batch`` sequences of ``context_tokens``: one roofline, one launch."""
         m = self.cfg.model
-        params = m.dense_layer_params
         kv = batch * context_tokens * m.kv_elems_per_token_layer * BYTES_PER_ACT
         flops = 2 * params * n_tokens + 4 * n_tokens * context_tokens * m.num_heads * m.head_dim
         nbytes = weight_bytes(params, self.gpu_weight_bits) + kv + 2 * n_tokens * self.act_bytes_per_token
-        return 2 * self.gpu_launch_s + self.gpu_compute_s(flops, nbytes)
+        return self.gpu_compute_s(flops, nbytes)
 
     def gpu_head_s(self, n_tokens: int) -> float:
         """Embedding lookup and LM head for ``n_tokens`` output positions."""
