@@ -23,7 +23,7 @@ from typing import Any
 from cluster.core import presets
 from cluster.core.checks import close_matches, coerce_value
 from cluster.core.errors import ConfigError
-from cluster.core.knobs import knob_classes, policy_field_types
+from cluster.core.knobs import knob_classes, policy_field_types, unknown_policy_field
 from cluster.core.spec import SECTIONS, Config
 
 if sys.version_info >= (3, 11):
@@ -34,7 +34,7 @@ else:  # pragma: no cover
 
 def _field_types(section: str) -> dict[str, type]:
     """A section's fields and their declared types; ``policy`` has the shared fields and the
-    knobs of every registered policy (:func:`cluster.core.spec.register_knobs`)."""
+    knobs of every registered policy (:func:`cluster.core.knobs.register_knobs`)."""
     if section == "policy":
         return policy_field_types()
     cls = SECTIONS[section]
@@ -61,10 +61,7 @@ def _merge(base: dict[str, dict[str, Any]], update: Mapping[str, Any], origin: s
             if key in allowed:
                 value = _coerce(section, key, value)
             elif section == "policy" and not knob_classes():
-                # no policy is registered in this process (the policies package is not
-                # imported): a policy's knob, kept by name and checked by its owner's class
-                # when the policy is built (PolicySpec.unclaimed)
-                pass
+                raise unknown_policy_field(key)
             else:
                 raise ConfigError(f"unknown field {section}.{key} in {origin}: {section} has "
                                   f"{close_matches(key, allowed)}")

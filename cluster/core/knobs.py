@@ -15,7 +15,6 @@ from typing import Any, ClassVar, TypeVar
 from cluster.core.checks import (
     check,
     close_matches,
-    coerce_value,
     finite,
     integers,
     non_negative,
@@ -135,13 +134,11 @@ class PolicySpec:
     odmoe_recall=0.5)``, ``dataclasses.replace(spec, odmoe_recall=0.5)``, ``[policy]
     odmoe_recall = 0.5``; an unknown name fails listing the allowed ones. Policies read their
     own knobs (``self.knobs``, :meth:`knobs_of`); ``spec.odmoe_recall`` is a read-only flat
-    view of every knob for code below the policies (the ``profiled`` calibration trace in
-    :mod:`cluster.core.routing`) and for reports.
+    view of every knob, for reports.
 
-    ``unclaimed``: knob values given where no policy is registered at all (a process that
-    loads a config before importing :mod:`policies`, such as a fresh worker), kept by name;
-    :meth:`knobs_of` checks them against their owner's class when a policy is built, so a bad
-    value still fails before any work, with the same message.
+    Knobs are registered when :mod:`policies` is imported: a process that sets one must import
+    it first (every entry point does; a config sent to a worker carries its knob instances,
+    whose classes import it), else the knob is refused as unregistered, naming the fix.
 
     The knobs take part in equality and hashing, so a config that differs in one knob is
     another config (memoisation by config sees it).
@@ -152,11 +149,10 @@ class PolicySpec:
     cache_fraction: float = 1.0
     fetch_buffer_experts: int = 0
     knobs: tuple[Knobs, ...] = ()
-    unclaimed: tuple[tuple[str, Any], ...] = ()
 
     def __init__(self, expert_cache_bytes: int = -1, cache_fraction: float = 1.0,
                  fetch_buffer_experts: int = 0, knobs: tuple[Knobs, ...] = (),
-                 unclaimed: tuple[tuple[str, Any], ...] = (), **knob_values: Any) -> None:
+                 **knob_values: Any) -> None:
         s = self.SECTION
         for k in knobs:
             if not isinstance(k, Knobs):
@@ -167,17 +163,10 @@ class PolicySpec:
         full.update(have)
         owner_of = {n: c for c in full for n in _knob_names(c)}
         changes: dict[type, dict[str, Any]] = {}
-        pending: dict[str, Any] = {}
-        for n, v in [*unclaimed, *knob_values.items()]:
-            if n in owner_of:
-                changes.setdefault(owner_of[n], {})[n] = v
-            elif not _KNOB_OWNERS:  # no policy registered here: its owner checks it later
-                check(s, n, v, isinstance(v, (bool, int, float, str)),
-                       "a number, a string or true/false")
-                pending[n] = v
-            else:
-                raise ConfigError(f"unknown field {s}.{n}: {s} has "
-                                  f"{close_matches(n, policy_field_types())}")
+        for n, v in knob_values.items():
+            if n not in owner_of:
+                raise unknown_policy_field(n)
+            changes.setdefault(owner_of[n], {})[n] = v
         for c, ch in changes.items():
             full[c] = dataclasses.replace(full[c], **ch)
         set_ = object.__setattr__
@@ -185,7 +174,6 @@ class PolicySpec:
         set_(self, "cache_fraction", cache_fraction)
         set_(self, "fetch_buffer_experts", fetch_buffer_experts)
         set_(self, "knobs", tuple(full.values()))
-        set_(self, "unclaimed", tuple(sorted(pending.items())))
         self.__post_init__()
 
     def __post_init__(self) -> None:
@@ -199,35 +187,17 @@ class PolicySpec:
         integers(s, self, "fetch_buffer_experts", minimum=0)
 
     def knobs_of(self, cls: type[K] | None) -> K | None:
-        """This spec's instance of the knob class ``cls`` (None for None): its defaults where
-        ``cls`` was registered after the spec was made, with any :attr:`unclaimed` values of
-        its fields applied. Unclaimed values are checked here, all of them, once a policy is
-        registered: a name no policy owns, or a value its owner refuses, fails as at load."""
-        if self.unclaimed and _KNOB_OWNERS:
-            known = policy_field_types()
-            for n, _ in self.unclaimed:
-                if n not in known:
-                    raise ConfigError(f"unknown field {self.SECTION}.{n}: {self.SECTION} has "
-                                      f"{close_matches(n, known)}")
-            for c in knob_classes():
-                self._resolved(c)
-        return None if cls is None else self._resolved(cls)
-
-    def _resolved(self, cls: type[K]) -> K:
-        inst = next((k for k in self.knobs if type(k) is cls), None) or cls()
-        if self.unclaimed:
-            types = {f.name: f.type for f in dataclasses.fields(cls)}
-            ch = {n: coerce_value(self.SECTION, n, types[n], v) for n, v in self.unclaimed if n in types}
-            if ch:
-                inst = dataclasses.replace(inst, **ch)
-        return inst
+        """This spec's instance of the knob class ``cls`` (None for None; its defaults where
+        ``cls`` was registered after the spec was made)."""
+        if cls is None:
+            return None
+        return next((k for k in self.knobs if type(k) is cls), None) or cls()
 
     def _knob_view(self) -> list[Knobs]:
-        """Every knob instance this spec answers for: its own, then those of classes
-        registered since it was made (unclaimed values applied)."""
-        own = [self._resolved(type(k)) for k in self.knobs]
+        """Every knob instance this spec answers for: its own, then defaults of classes
+        registered since it was made."""
         have = {type(k) for k in self.knobs}
-        return [*own, *(self._resolved(c) for c in knob_classes() if c not in have)]
+        return [*self.knobs, *(c() for c in knob_classes() if c not in have)]
 
     def __getattr__(self, name: str) -> Any:
         # only reached when normal lookup fails: a knob by its flat name, read-only
@@ -235,9 +205,6 @@ class PolicySpec:
             for k in self._knob_view():
                 if name in k.__dataclass_fields__:
                     return getattr(k, name)
-            for n, v in self.unclaimed:
-                if n == name:
-                    return v
         raise AttributeError(f"{type(self).__name__!r} object has no field or policy knob {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -246,6 +213,14 @@ class PolicySpec:
         out: dict[str, Any] = {n: getattr(self, n) for n in _SHARED_FIELDS}
         for k in self._knob_view():
             out.update(dataclasses.asdict(k))
-        for n, v in self.unclaimed:
-            out.setdefault(n, v)
         return out
+
+
+def unknown_policy_field(name: str) -> ConfigError:
+    """The error for a ``policy`` field no policy owns (or, with none registered, the fix)."""
+    if not _KNOB_OWNERS:
+        return ConfigError(f"policy.{name} is not a shared policy field and no policy is "
+                           "registered in this process: import the policies package before "
+                           "loading a config that sets a policy's knobs")
+    return ConfigError(f"unknown field policy.{name}: policy has "
+                       f"{close_matches(name, policy_field_types())}")
