@@ -151,7 +151,7 @@ class NdpUnit(Device):
     def _send_weights(self, f: dict[str, Any], it: list[int], windowed: bool = False) -> None:
         layer, expert, lo, hi, pid, order = it
         w = self.slice(layer, expert, lo, hi)
-        true_bytes = int(self.cost.expert_bytes * (hi - lo) / self.sm.model.d_ff)
+        true_bytes = int(self.cost.ndp_expert_bytes * (hi - lo) / self.sm.model.d_ff)
         self.send_link({"kind": f["class"], "dst": GPU, "at_s": float(f["at_s"]),
                         "true_bytes": true_bytes, "order": int(order), "pid": int(pid),
                         "seq": int(f.get("seq", -1)), "layer": layer, "expert": expert,

@@ -238,7 +238,7 @@ def time_plan(plan: Plan, cost: CostModel, num_units: int, record: bool = False,
         moving = []
         for f in plan.fetches:
             frac = (f.col_end - f.col_start) / d_ff
-            link_bytes["fetch"] += int(cost.expert_bytes * frac)
+            link_bytes["fetch"] += int(cost.ndp_expert_bytes * frac)
             override = fetch_s.get(f.expert) if fetch_s else None
             if override == 0.0:  # landed since the router ran: ready at once
                 fetch_done[f.expert] = 0.0
@@ -392,7 +392,7 @@ def lower_bound_s(plan: Plan, cost: CostModel, num_units: int) -> float:
         frac = width / d_ff
         ndp_flops += fpt * frac * n
         ndp_bytes += wbytes * frac + k * n * abytes
-    link = sum(cost.expert_bytes * (f.col_end - f.col_start) / d_ff for f in plan.fetches)
+    link = sum(cost.ndp_expert_bytes * (f.col_end - f.col_start) / d_ff for f in plan.fetches)
     speed = cost.unit_speed_sum if len(cost.unit_factor) == num_units else num_units
     return max(ndp_bytes / (speed * cost.ndp_bw_bytes_per_s), ndp_flops / (speed * cost.ndp_flops_per_s),
                link / cost.link_bw_bytes_per_s, gpu_s)

@@ -163,4 +163,4 @@ def test_background_prefetch_waits_for_gaps_in_step_traffic(tiny) -> None:
     assert link.arrived == {(0, 1): pytest.approx(2.5 * fetch)}
     link.advance(10 * fetch)
     assert link.arrived[(0, 2)] == pytest.approx(3.5 * fetch)
-    assert link.experts_moved == 2 and link.bytes_moved == 2 * cost.expert_bytes
+    assert link.experts_moved == 2 and link.bytes_moved == 2 * cost.ndp_expert_bytes

@@ -26,7 +26,7 @@ def cost() -> CostModel:
 
 
 def test_expert_weights_are_fp16_swiglu_matrices(cost: CostModel) -> None:
-    assert cost.expert_bytes == EXPERT_BYTES == 9_437_184
+    assert cost.gpu_expert_bytes == cost.ndp_expert_bytes == EXPERT_BYTES == 9_437_184
     assert cost.cfg.model.routed_expert_bytes == 48 * 128 * EXPERT_BYTES
 
 
@@ -147,7 +147,7 @@ def test_a_quantised_model_reads_and_moves_fewer_weight_bytes_on_every_device(co
     """gpu.weight_bits = ndp.weight_bits = 4: every weight byte count is a quarter (exact:
     3 * 2048 * 768 is a multiple of 2); flops, activations, the KV cache and rates do not move."""
     q = CostModel(load_config(overrides=["gpu.weight_bits=4", "ndp.weight_bits=4"]))
-    assert q.gpu_expert_bytes == q.ndp_expert_bytes == q.expert_bytes == EXPERT_BYTES // 4
+    assert q.gpu_expert_bytes == q.ndp_expert_bytes == EXPERT_BYTES // 4
     assert q.ndp_expert_s(1) == pytest.approx(1e-6 + (EXPERT_BYTES / 4 + 2 * ACT_BYTES_PER_TOKEN) / 76.8e9,
                                               rel=1e-12)
     assert q.fetch_s() == pytest.approx(2e-6 + EXPERT_BYTES / 4 / 50e9, rel=1e-12)

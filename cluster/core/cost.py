@@ -62,7 +62,6 @@ class CostModel:
         s(self, "link_latency_s", (c.link.latency_us + faults.link_delay_us) * 1e-6)
         s(self, "gpu_expert_bytes", c.gpu_expert_bytes)
         s(self, "ndp_expert_bytes", c.ndp_expert_bytes)
-        s(self, "expert_bytes", c.ndp_expert_bytes)  # as moved over the link (fetch, prefetch)
         s(self, "gpu_weight_bits", c.gpu.weight_bits)
         s(self, "expert_flops_per_token", 2 * m.expert_params)
         s(self, "act_bytes_per_token", m.d_model * BYTES_PER_ACT)
@@ -126,7 +125,7 @@ class CostModel:
 
     def fetch_s(self, frac: float = 1.0) -> float:
         """Moving (a ``frac`` slice of) one expert's weights NDP -> GPU over the link."""
-        return self.transfer_s(self.expert_bytes * frac)
+        return self.transfer_s(self.ndp_expert_bytes * frac)  # as the NDP side stores it
 
     def activation_bytes(self, n_tokens: int) -> int:
         return n_tokens * self.act_bytes_per_token

@@ -82,7 +82,7 @@ class BackgroundLink:
             if got >= item[1] - 1e-15 and segs and segs[-1][1] <= makespan:
                 self._pop()
                 self.arrived.setdefault(item[0], start + segs[-1][1])
-                self.bytes_moved += self.cost.expert_bytes
+                self.bytes_moved += self.cost.ndp_expert_bytes
                 self.experts_moved += 1
                 continue
             item[1] -= got
@@ -118,7 +118,7 @@ class BackgroundLink:
                 if item[1] <= 1e-15:
                     self._pop()
                     self.arrived.setdefault(item[0], t)  # an on-demand copy may have come first
-                    self.bytes_moved += self.cost.expert_bytes
+                    self.bytes_moved += self.cost.ndp_expert_bytes
                     self.experts_moved += 1
             t = max(t, b)
             if not self.queue:
