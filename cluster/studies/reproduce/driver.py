@@ -36,11 +36,6 @@ from cluster.studies.reproduce.common import (
 from cluster.studies.reproduce.headline import PAPER_AVG_SPEEDUP, PAPER_MAX_SPEEDUP, headline_stats
 from cluster.studies.reproduce.run import execute, jobs_of
 
-# report.md lists the CSV files; before the studies were modules ablation.csv came after the
-# tables of studies 3-6. The listing keeps that order so reports stay comparable line by line;
-# any other table follows in registration order.
-LISTING = ("headline", "prefetch_budget", "prefetchers", "sensitivity", "beyond", "ablation")
-
 
 def all_cases(opts: Options, studies: Sequence[Study] | None = None) -> list[Case]:
     """Every case of every study (default: all registered); configs and policy names are
@@ -94,7 +89,6 @@ def reproduce(opts: Options, out: str | Path | None = None, console=None, progre
         for name, cols in s.csvs.items():
             if tabs.get(name):
                 o.csvs.append(write_csv(run_dir / f"{name}.csv", tabs[name], cols))
-    o.csvs.sort(key=lambda p: LISTING.index(p.stem) if p.stem in LISTING else len(LISTING))
     for s in chosen:
         o.figures += s.figures(o, opts)
     write_results(run_dir, opts, o)
