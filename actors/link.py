@@ -6,18 +6,8 @@ holds them); it delivers each one to its destination once the modelled transfer 
 wall-clock time: a transfer of ``true_bytes`` takes ``D x (latency + true_bytes / bw)`` of
 link service. Nothing else computes when a transfer ends.
 
-Service discipline (DESIGN.md section 5), the same one the analytic engine assumes:
-
-- three priority classes, preemptive: activations and partials (0) > on-demand fetches (1) >
-  prefetches (2, or 1 with ``link.prefetch_priority = equal``); first come first served
-  within a class, by arrival stamp then by the order the scheduler issued the transfer;
-- a transfer *arrives* at its stamp (``at_s``, the wall time its sender says it entered the
-  link), not when the link process happens to read it: host message latency shorter than the
-  modelled time is absorbed. The link reschedules retroactively from the stamp; only a
-  delivery it has already made cannot move (a stamp older than the last delivery is taken at
-  that delivery and counted in ``late_arrivals``);
-- preemption is exact and event-driven: :class:`LinkSchedule` keeps each transfer's remaining
-  service and re-plans the queue only when something arrives, is cancelled, or is upgraded.
+Its service discipline (priority classes, arrival by stamp, exact preemption) is written out
+once, in :mod:`actors.link_schedule`.
 
 :class:`LinkSchedule` (:mod:`actors.link_schedule`) is the pure queueing core (wall seconds
 in, completion times out; the tests drive it directly); :class:`HostLink` handles the link's

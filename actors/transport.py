@@ -16,12 +16,8 @@ forever once a dead peer's queue fills.
 
 Implementations:
 
-- :class:`ZmqRouter` binds a ROUTER socket; peers are the identities of the dealers that
-  connected to it. An unknown peer raises (``ROUTER_MANDATORY``) instead of the silent drop
-  zmq does by default, and a restarted actor that reconnects with its old identity takes it
-  over (``ROUTER_HANDOVER``). A router learns a dealer's identity only once its connection is
-  up, so a dealer speaks first (a ``hello``) and the router sends to it after hearing it.
-- :class:`ZmqDealer` connects a DEALER with an identity to one router; its only peer is that
+- :class:`~actors.zmq_transport.ZmqRouter` and :class:`~actors.zmq_transport.ZmqDealer`
+  (:mod:`actors.zmq_transport`): the data plane over zmq ROUTER/DEALER sockets;
 - :class:`InprocHub` hands out in-process endpoints backed by queues, for tests that are not
   about zmq. Frames are copied to ``bytes`` on send, as on a real wire, so a receiver never
   aliases the sender's arrays.
