@@ -322,3 +322,18 @@ def test_cli_presets_show_of_an_unknown_name_exits_2(cli, capsys) -> None:
     assert status == 2
     flat = " ".join(err.split())
     assert "nope" in flat and "edge-rtx5080-ndp4" in flat and "Traceback" not in err
+
+
+def test_summary_json_is_the_typed_result_and_reads_back_into_it(run) -> None:
+    """summary.json's policies are RunResult's, written once; each reads back into the same
+    PolicySummary (what the emulation engine relies on), speed-ups computed over monde."""
+    from cluster.core.metrics import PolicySummary
+
+    doc = json.loads((run.run_dir / "summary.json").read_text())
+    assert doc["policies"] == json.loads(json.dumps(run.summaries))
+    for name, d in doc["policies"].items():
+        back = PolicySummary.from_dict(d)
+        assert back == run.policies[name] and back.to_dict() == d
+        assert d["speedup_vs_monde"] == doc["policies"]["monde"]["e2e_latency_s"] / d["e2e_latency_s"]
+    with pytest.raises(ValueError, match="e2e_latency_s"):
+        PolicySummary.from_dict({"scheduler": "ep"})

@@ -264,10 +264,6 @@ class PolicySummary:
             return getattr(self, key)
         return self.extra.get(key, default)
 
-    def __getitem__(self, key: str) -> Any:
-        if key in _COMMON_NAMES or key == "speedup_vs_monde" or key in self.extra:
-            return self.get(key)
-        raise KeyError(key)
 
 
 COMMON = [f for f in dataclasses.fields(PolicySummary) if f.name not in ("extra", "speedup_vs_monde")]
