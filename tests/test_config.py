@@ -536,8 +536,8 @@ def test_a_knob_set_where_no_policy_is_registered_is_refused_naming_the_fix() ->
             "load_config(overrides=['policy.cache_fraction=0.5'])  # a shared field: fine\n"
             "try:\n"
             "    load_config(overrides=['policy.odmoe_recall=0.5'])\n"
-            "except ConfigError as e:\n"
-            "    print(e)\n")
+            "except ConfigError as exc:\n"
+            "    print(exc)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "policy.odmoe_recall" in out.stdout and "import the policies package" in out.stdout
