@@ -222,7 +222,17 @@ class HostLink:
                 "late_arrivals": self.sched.late_arrivals,
                 "late_total_s": self.sched.late_total_s,
                 "delivery_lag_max_s": s.delivery_lag_max_s,
-                "pending": len(self.sched.pending), "intervals": s.intervals}
+                "pending": len(self.sched.pending), "pending_kinds": self._pending_kinds(),
+                "intervals": s.intervals}
+
+    def _pending_kinds(self) -> dict[str, int]:
+        """Transfers still on the link, by kind (upgraded prefetches count as fetches). At the
+        end of a run only prefetches may be left: every other transfer is one the run waited
+        for, but a prefetch issued for a token that is never generated need not have landed."""
+        out = dict.fromkeys(KINDS, 0)
+        for t in self.sched.pending.values():
+            out["fetch" if t.upgraded else t.kind] += 1
+        return out
 
 
 def _credit(unit: bytes) -> tuple[bytes, list]:
