@@ -13,7 +13,9 @@ zmq sockets are sent from with ``copy=False`` (pyzmq copies frames under
 and headers are sent with ``copy=True``, which skips pyzmq's Frame object), and received with
 ``copy=False``, so ``recv`` returns ``zmq.Frame`` objects that ``wire.decode`` views without
 copying. A zmq transport must be used from one thread only. Sockets close with linger 0; a
-context the transport created is terminated on close, which ends its I/O threads.
+context the transport created is terminated on close, which ends its I/O threads. A transport
+dropped without ``close`` is closed the same way when it is collected (pyzmq alone would hang
+the garbage collector on a context caught in a reference cycle).
 
 Security (DESIGN.md section 9): a router binds loopback only in a local run
 (:meth:`ZmqRouter.bind`); with ``curve`` the data plane is authenticated and encrypted
@@ -26,6 +28,7 @@ device's identity and receive its commands.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -38,6 +41,23 @@ from cluster.core.errors import EmulationError
 DEFAULT_SEND_TIMEOUT_S = 5.0
 DEFAULT_HWM = 1000
 _COPY_BELOW = 64 * 1024  # bytes frames shorter than this are sent with copy=True
+
+
+class _Owned:
+    """What a transport must release: its socket, its authenticator, the context it made."""
+
+    __slots__ = ("auth", "ctx", "sock")
+
+    def __init__(self, sock: zmq.Socket, ctx: zmq.Context | None) -> None:
+        self.sock, self.ctx, self.auth = sock, ctx, None
+
+    def release(self) -> None:
+        self.sock.close(linger=0)
+        if self.auth is not None:  # after the socket: no connection is ever let in unchecked
+            self.auth.stop()
+            self.auth = None
+        if self.ctx is not None:  # every socket of the context is closed by now
+            self.ctx.destroy(linger=0)
 
 
 class _ZmqSocket:
@@ -64,15 +84,25 @@ class _ZmqSocket:
             raise
         self._rcvtimeo = -2  # not yet set; the socket default is -1 (forever), never used
         self._closed = False
-        self._auth: Any = None  # a router's ZAP authenticator (CURVE only)
+        self._owned = _Owned(self._sock, self._ctx if self._own_context else None)
+        # a transport dropped without close() (say, held by a traceback's frames) still
+        # closes: left to the garbage collector, a context in a reference cycle is finalised
+        # after its socket's weak entry is cleared, and its term() waits forever for that socket
+        self._finalizer = weakref.finalize(self, self._owned.release)
+
+    @property
+    def _auth(self) -> Any:
+        """A router's ZAP authenticator (CURVE only), stopped on close."""
+        return self._owned.auth
+
+    @_auth.setter
+    def _auth(self, auth: Any) -> None:
+        self._owned.auth = auth
 
     def _fail_init(self) -> None:
         """Undo a half-done constructor (its caller re-raises): close what was made."""
-        self._sock.close(linger=0)
-        if self._auth is not None:
-            self._auth.stop()
-        if self._own_context:
-            self._ctx.destroy(linger=0)
+        self._closed = True
+        self._finalizer()
 
     @property
     def socket(self) -> zmq.Socket:
@@ -121,12 +151,7 @@ class _ZmqSocket:
         if self._closed:
             return
         self._closed = True
-        self._sock.close(linger=0)
-        if self._auth is not None:  # after the socket: no connection is ever let in unchecked
-            self._auth.stop()
-            self._auth = None
-        if self._own_context:
-            self._ctx.term()
+        self._finalizer()  # runs _Owned.release once, now
 
     def __enter__(self):
         return self

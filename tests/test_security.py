@@ -203,24 +203,29 @@ def _hostile(endpoint: str, server_key: bytes | None) -> list[Any]:
     (public keys are not secret), a CURVE client with a key of its own; raw bytes over TCP."""
     made: list[Any] = []
     keyed = [(CurveKeys.generate(), server_key)] if server_key is not None else []
-    for keys, skey in [(None, None), *keyed]:
-        for identity, frames in ((b"evil", [msgpack_frame({"v": 1, "t": "explode", "arrays": []}),
-                                            [b"\x00garbage"], encode("error", {"message": "forged"}),
-                                            encode("event", {"kind": "failed", "message": "x"})]),
-                                 (b"ndp0", [encode("hello", {"peer": "ndp0", "seq": 0,
-                                                             "incarnation": 666})])):
-            d = ZmqDealer(identity, router_id=b"sched", curve=keys, server_key=skey,
-                          send_timeout_s=0.0)
-            made.append(d)
-            d.connect(endpoint)
-            for f in frames:
-                with contextlib.suppress(EmulationError):
-                    d.send(None, f)
-    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
-    raw = socket.create_connection((host, int(port)))
-    made.append(raw)
-    with contextlib.suppress(OSError):
-        raw.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(range(256)))
+    try:
+        for keys, skey in [(None, None), *keyed]:
+            for identity, frames in ((b"evil", [msgpack_frame({"v": 1, "t": "explode", "arrays": []}),
+                                                [b"\x00garbage"], encode("error", {"message": "forged"}),
+                                                encode("event", {"kind": "failed", "message": "x"})]),
+                                     (b"ndp0", [encode("hello", {"peer": "ndp0", "seq": 0,
+                                                                 "incarnation": 666})])):
+                d = ZmqDealer(identity, router_id=b"sched", curve=keys, server_key=skey,
+                              send_timeout_s=0.0)
+                made.append(d)
+                d.connect(endpoint)
+                for f in frames:
+                    with contextlib.suppress(EmulationError):
+                        d.send(None, f)
+        host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+        raw = socket.create_connection((host, int(port)))
+        made.append(raw)
+        with contextlib.suppress(OSError):
+            raw.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(range(256)))
+    except BaseException:
+        for m in made:
+            m.close()
+        raise
     return made
 
 
@@ -484,11 +489,15 @@ class _Attack:
     def _run(self, endpoints: list[str], server_key: bytes | None) -> None:
         try:
             while not self._stop.is_set():
-                made = [m for ep in endpoints for m in _hostile(ep, server_key)]
-                self.rounds += 1
-                self._stop.wait(self.every_s)
-                for m in made:
-                    m.close()
+                made: list[Any] = []
+                try:
+                    for ep in endpoints:
+                        made += _hostile(ep, server_key)
+                    self.rounds += 1
+                    self._stop.wait(self.every_s)
+                finally:
+                    for m in made:
+                        m.close()
         except BaseException as exc:  # reported by the test, not lost in a thread
             self.error = exc
 
@@ -520,7 +529,16 @@ def test_a_run_under_attack_finishes_with_the_reference_outputs_and_counts_refus
         attack.start(ray_local, cluster)
         return cluster
 
+    real_close = launch.EmuCluster.close
+
+    def stop_attack_then_close(cluster: Any) -> None:
+        # the attack ends while its targets still listen: a round after they closed would
+        # fail to connect, which is not what this test looks for
+        attack.stop()
+        real_close(cluster)
+
     monkeypatch.setattr(launch, "start", start_then_attack)
+    monkeypatch.setattr(launch.EmuCluster, "close", stop_attack_then_close)
     sets = ["workload.prompt_tokens=6", "workload.output_tokens=3",
             "weights.memory_budget_bytes=67108864", "emulate.dilation=20"]
     if curve == "false":

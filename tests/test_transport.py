@@ -282,3 +282,50 @@ def test_peer_names_round_trip_and_strangers_do_not_parse() -> None:
         assert not P.is_device(stranger)
     with pytest.raises(ValueError):
         P.unit_of(b"gpu")
+
+
+# a dealer and a CURVE router dropped without close() inside reference cycles (as a traceback's
+# frames hold them), a message still queued on the dealer: the garbage collector must release
+# them. Left to pyzmq alone the collector hangs for good in the context's term(): the socket's
+# weak entry in its context is cleared before the context is finalised, so destroy() closes
+# nothing and term() waits for a socket that is itself waiting to be finalised.
+_DROPPED_IN_A_CYCLE = """
+import gc, sys, zmq
+from actors.curve import CurveKeys
+from actors.wire import encode
+from actors.zmq_transport import ZmqDealer, ZmqRouter
+
+d = ZmqDealer(b"ndp0", router_id=b"sched", send_timeout_s=0.0)
+d.connect("tcp://127.0.0.1:9")  # nobody listens: the hello stays queued
+d.send(None, encode("ping", {"seq": 1}))
+kept = d.socket, d._ctx  # to look at afterwards (these keep only them alive)
+lost = ZmqDealer(b"ndp1", router_id=b"sched", send_timeout_s=0.0)  # nothing kept: the hang
+lost.connect("tcp://127.0.0.1:9")
+lost.send(None, encode("ping", {"seq": 1}))
+cycle = [d, lost]
+cycle.append(cycle)
+del d, lost, cycle
+r = None
+if zmq.has("curve"):
+    r = ZmqRouter(curve=CurveKeys.generate(), clients={CurveKeys.generate().public: [b"ndp0"]})
+    r.bind("127.0.0.1", 0)
+    loop = {"router": r}
+    loop["self"] = loop
+    del r, loop
+gc.collect()
+assert kept[0].closed and kept[1].closed, kept
+print("released")
+"""
+
+
+def test_a_transport_dropped_in_a_reference_cycle_is_released_by_the_collector() -> None:
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run([sys.executable, "-W", "ignore", "-c", _DROPPED_IN_A_CYCLE],
+                             cwd=root, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the garbage collector hung on a transport that was not closed")
+    assert out.returncode == 0 and out.stdout.strip() == "released", out.stderr[-2000:]
