@@ -23,8 +23,8 @@ Verdicts:
 Each finished run's fidelity (measured e2e latency against the analytic prediction) is
 reported, not judged: the wall time spent on lost commands and recoveries is paused out of
 emulated time, so a run that paused should measure as well as one that did not, and the tally
-gives the largest error of each. (``delay:link+Nus`` makes the modelled hops absorb the
-control path, so auto D falls to the compute bound, 10-20 here, where the error is larger
+gives the largest error of each. (``delay:link+Nus`` lets the modelled hops absorb up to half
+the control path, so auto D is lower with a delay, 9-32 here, and the error a little larger
 whether or not the run paused.)
 """
 

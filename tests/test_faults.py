@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -89,6 +90,28 @@ def test_the_config_holds_its_faults_split_into_model_and_run_sides() -> None:
     assert run_side.unit_factor == healthy.unit_factor and run_side.link_latency_s == healthy.link_latency_s
     assert model_side.unit_factor[0] == 2.0
     assert model_side.link_latency_s == pytest.approx(healthy.link_latency_s + 5e-6, rel=1e-12)
+
+
+def test_a_link_delay_does_not_let_auto_dilation_fall_into_the_jitter() -> None:
+    """The hop bound of auto D: the modelled hops (D x 2 x link latency) absorb part of the
+    control path's wall time, but at most half of it. The figures are two calibrations of the
+    default run (summary.json's emulator_floor): plain, and with --inject delay:link+50us."""
+    from cluster.engines.emulate import choose_dilation
+
+    # plain: an 836 us path, 2 us latency, a 270 us median MoE step; 2 x 2 us x D absorbs
+    # less than half the path, so the cap does not bind and D is what it always was
+    plain = choose_dilation([], 836e-6, 2e-6, 270e-6)
+    assert plain["hop_bound"] == pytest.approx(836e-6 / (0.025 * 270e-6 + 4e-6), rel=1e-12)
+    assert plain["dilation"] == math.ceil(plain["hop_bound"]) == 78
+    # delayed: a 683 us path, 52 us latency, a 520 us step; uncapped, the hops would absorb
+    # the whole path at D = 6; capped, half of it stays over the budget
+    uncapped = 683e-6 / (0.025 * 520e-6 + 104e-6)
+    assert uncapped < 6
+    delayed = choose_dilation([], 683e-6, 52e-6, 520e-6)
+    assert delayed["hop_bound"] == pytest.approx(0.5 * 683e-6 / (0.025 * 520e-6), rel=1e-12)
+    assert delayed["dilation"] == 27
+    # the compute bound still wins where it is larger
+    assert choose_dilation([100.0] * 50, 683e-6, 52e-6, 520e-6)["dilation"] == 150.0
 
 
 @pytest.mark.parametrize("spec, why", [
