@@ -108,7 +108,9 @@ def bench_emulation(units: int) -> dict:
             cluster = launch.start(cfg, routing, scale, ready_timeout_s=300)
             try:
                 launch.get(cluster.scheduler.warm.remote(unit_layouts(cfg, scale)))
-                dilation = calibrate(cluster, cfg, routing, names)["bounds"]["dilation"]
+                cal = calibrate(cluster, cfg, routing, names)
+                bounds, floor = cal["bounds"], cal["floor"]
+                dilation = bounds["dilation"]
                 rows = []
                 for n in names:
                     st, meta = launch.get(cluster.scheduler.run_policy.remote(n, dilation))
@@ -126,7 +128,7 @@ def bench_emulation(units: int) -> dict:
             ray.shutdown()
     return {"units": units, "experts": 256, "top_k": 8, "scale": scale, "ray_init_s": init_s,
             "startup_s": cluster.startup_s, "peak_rss_bytes": mem.peak, "dilation": dilation,
-            "runs": rows}
+            "dilation_bounds": bounds, "emulator_floor": floor, "runs": rows}
 
 
 def bench_sweep(n_configs: int) -> list[dict]:
